@@ -1,0 +1,191 @@
+"""Typed schemas of the configuration and their validation.
+
+Hydra composes plain YAML from ``conf/``; :func:`validate` then merges every node into its
+dataclass schema, so an unknown key, a value of the wrong type or an impossible value is refused
+with one sentence (:class:`ConfigError`) before any data is read. Optimizer schemas live beside
+their optimizers (``Optimizer.Config``) and are found through :data:`ksd.optim.OPTIMIZERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot use; the message is one sentence meant for the user."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DatasetConfig:
+    """``dataset`` group: which data, where it lives and how much of it to use."""
+
+    name: str = "curves"
+    root: str | None = None  # data folder; None: $KSD_DATA, else ./data
+    val_size: int = 0  # validation examples carved from the training set (seeded permutation)
+    train_size: int | None = None  # keep only the first N remaining training examples
+    test_size: int | None = None  # keep only the first N test examples
+    augment: bool = False  # random crop + flip on training mini-batches (CIFAR-10 only)
+
+    def __post_init__(self) -> None:
+        from ksd.data import DATASETS
+
+        require(self.name in DATASETS, f"dataset.name must be one of {', '.join(DATASETS)}, got {self.name!r}.")
+        require(self.val_size >= 0, f"dataset.val_size must be >= 0, got {self.val_size}.")
+        for key in ("train_size", "test_size"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"dataset.{key} must be positive or null, got {value}.")
+        require(not self.augment or self.name == "cifar10", "dataset.augment is only available for cifar10.")
+
+
+@dataclass
+class ModelConfig:
+    """``model`` group: architecture, activation, loss and initialisation."""
+
+    name: str = "autoencoder"  # autoencoder | mlp | cnn
+    widths: list[int] | None = None  # hidden widths (encoder half for autoencoders); None: the paper's
+    arch: str = "auto"  # cnn only: auto | 2c2d | 3c3d
+    activation: str = "sigmoid"  # hidden units: sigmoid | relu | tanh
+    loss: str | None = None  # None: sigmoid_cross_entropy (autoencoder) / softmax_cross_entropy
+    init: str = "default"  # default (PyTorch) | sparse (Martens 2010: 15 non-zero weights per unit)
+    sparse_connections: int = 15
+
+    def __post_init__(self) -> None:
+        from ksd.losses import LOSSES
+        from ksd.models import ACTIVATIONS, CNN_ARCHS, MODELS
+
+        require(self.name in MODELS, f"model.name must be one of {', '.join(MODELS)}, got {self.name!r}.")
+        require(
+            self.activation in ACTIVATIONS,
+            f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}.",
+        )
+        require(
+            self.arch in ("auto", *CNN_ARCHS),
+            f"model.arch must be auto or one of {', '.join(CNN_ARCHS)}, got {self.arch!r}.",
+        )
+        require(
+            self.loss is None or self.loss in LOSSES,
+            f"model.loss must be null or one of {', '.join(LOSSES)}, got {self.loss!r}.",
+        )
+        require(self.init in ("default", "sparse"), f"model.init must be default or sparse, got {self.init!r}.")
+        require(
+            self.widths is None or all(w > 0 for w in self.widths),
+            f"model.widths must be positive integers, got {self.widths}.",
+        )
+        require(self.sparse_connections > 0, "model.sparse_connections must be positive.")
+
+
+@dataclass
+class RunConfig:
+    """``run`` node: the budget, the evaluation schedule and the results a run leaves."""
+
+    max_epochs: float | None = 10.0  # stop after this many passes of gradient examples over the train set
+    max_steps: int | None = None  # stop after this many optimizer steps
+    max_seconds: float | None = None  # stop after this much training wall time (evaluation excluded)
+    eval_every: int = 50  # evaluate every N steps (and always at the start and the end)
+    eval_train_size: int | None = 10_000  # examples of the training set for train_loss (None: all)
+    max_chunk: int = 10_000  # largest number of examples pushed through the network at once
+    progress: bool | None = None  # progress bar; None: only when stderr is a terminal
+    plot: bool = True  # write convergence.png at the end
+
+    def __post_init__(self) -> None:
+        require(
+            any(v is not None for v in (self.max_epochs, self.max_steps, self.max_seconds)),
+            "set at least one of run.max_epochs, run.max_steps, run.max_seconds.",
+        )
+        for key in ("max_epochs", "max_steps", "max_seconds"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"run.{key} must be positive or null, got {value}.")
+        require(self.eval_every >= 1, f"run.eval_every must be >= 1, got {self.eval_every}.")
+        require(self.max_chunk >= 1, f"run.max_chunk must be >= 1, got {self.max_chunk}.")
+        require(
+            self.eval_train_size is None or self.eval_train_size > 0,
+            f"run.eval_train_size must be positive or null, got {self.eval_train_size}.",
+        )
+
+
+@dataclass
+class LoggerConfig:
+    """``logger`` group: metrics always go to CSV; ``wandb`` also mirrors them to Weights & Biases."""
+
+    name: str = "csv"  # csv | wandb
+    project: str = "ksd-run"
+    entity: str | None = None
+    group: str | None = None
+    mode: str | None = None  # online | offline | disabled; None: online if an API key is configured
+
+    def __post_init__(self) -> None:
+        require(self.name in ("csv", "wandb"), f"logger.name must be csv or wandb, got {self.name!r}.")
+        require(
+            self.mode in (None, "online", "offline", "disabled"),
+            f"logger.mode must be online, offline, disabled or null, got {self.mode!r}.",
+        )
+
+
+@dataclass
+class Settings:
+    """The validated configuration of one run."""
+
+    dataset: DatasetConfig
+    model: ModelConfig
+    optimizer: Any  # the optimizer's own Config dataclass
+    run: RunConfig
+    logger: LoggerConfig
+    seed: int = 0
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _merge(schema: type, node: Any, where: str) -> Any:
+    """Instantiate ``schema`` from ``node``, turning OmegaConf and schema errors into one sentence."""
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{where} must be a mapping of keys, got {node!r}.")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        reason = str(err).splitlines()[0].rstrip(".")
+        if "not in struct" in reason or "Key '" in reason and "not in" in reason:
+            known = ", ".join(f.name for f in dataclasses.fields(schema))
+            raise ConfigError(f"unknown key {where}.{key}; valid keys are: {known}.") from None
+        raise ConfigError(f"invalid value for {where}.{key}: {reason}.") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid {where}: {err}") from None
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Check the composed configuration against the schemas; raise :class:`ConfigError` if unusable."""
+    from ksd.optim import optimizer_class
+
+    top_level = {"dataset", "model", "optimizer", "run", "logger", "seed", "device"}
+    extra = {k: v for k, v in cfg.items() if k not in top_level}
+    require(isinstance(cfg.get("seed"), int), f"seed must be an integer, got {cfg.get('seed')!r}.")
+    device = cfg.get("device")
+    require(device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:"),
+            f"device must be auto, cpu or cuda, got {device!r}.")
+    opt_node = cfg.get("optimizer")
+    require(isinstance(opt_node, DictConfig) and "name" in opt_node, "the optimizer config needs a name.")
+    opt_cls = optimizer_class(opt_node.name)
+    return Settings(
+        dataset=_merge(DatasetConfig, cfg.dataset, "dataset"),
+        model=_merge(ModelConfig, cfg.model, "model"),
+        optimizer=_merge(opt_cls.Config, opt_node, "optimizer"),
+        run=_merge(RunConfig, cfg.run, "run"),
+        logger=_merge(LoggerConfig, cfg.logger, "logger"),
+        seed=cfg.seed,
+        device=device,
+        extra=OmegaConf.to_container(DictConfig(extra), resolve=True),
+    )

@@ -1,0 +1,47 @@
+"""Optimizers, each a module with one class that has a ``Config`` dataclass.
+
+:data:`OPTIMIZERS` maps the ``optimizer.name`` of a config to ``module:Class``; modules are
+imported only when used, so one optimizer's dependencies never slow the others down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from ksd.config import ConfigError
+from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
+from ksd.problem import Problem
+
+OPTIMIZERS: dict[str, str] = {
+    "sgd": "ksd.optim.first_order:SGD",
+    "adam": "ksd.optim.first_order:Adam",
+    "lbfgs": "ksd.optim.lbfgs:LBFGS",
+    "hf": "ksd.optim.hf:HessianFree",
+    "ksd": "ksd.optim.ksd:KrylovSubspaceDescent",
+    "kbfgs": "ksd.optim.kbfgs:KBFGS",
+    "kbfgs_l": "ksd.optim.kbfgs:KBFGSL",
+    "kfac": "ksd.optim.kfac:KFAC",
+    "arcs_lsr1": "ksd.optim.arcs_lsr1:ARCsLSR1",
+}
+
+
+def available() -> list[str]:
+    """Names of the optimizers whose module exists in this installation."""
+    return [name for name in OPTIMIZERS if importlib.util.find_spec(OPTIMIZERS[name].split(":")[0])]
+
+
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The optimizer class registered as ``name``."""
+    if name not in OPTIMIZERS or name not in available():
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(available())}.")
+    module, cls = OPTIMIZERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_optimizer(config: OptimizerConfig, problem: Problem) -> Optimizer:
+    """The optimizer described by a validated config, bound to ``problem``."""
+    return optimizer_class(config.name)(problem, config)
+
+
+__all__ = ["OPTIMIZERS", "Diverged", "Optimizer", "OptimizerConfig", "Stats", "available", "build_optimizer"]

@@ -1,0 +1,104 @@
+"""The interface every ksd optimizer implements."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ksd.config import require
+from ksd.problem import Problem
+
+Stats = dict[str, Tensor | float | int]
+
+
+class Diverged(ArithmeticError):
+    """Raised by an optimizer whose safeguards cannot continue; the message is the reason."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Fields every optimizer has; subclasses add their own hyperparameters."""
+
+    name: str = ""
+    batch_size: int | None = None  # examples per gradient; None = the whole training set
+    weight_decay: float = 0.0  # L2 coefficient τ: the objective is f(θ) + τ/2 ‖θ‖²
+
+    def __post_init__(self) -> None:
+        require(
+            self.batch_size is None or self.batch_size >= 1,
+            f"optimizer.batch_size must be >= 1 or null, got {self.batch_size}.",
+        )
+        require(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}.")
+
+    def positive(self, *keys: str) -> None:
+        """Refuse non-positive values of the given fields."""
+        for key in keys:
+            value = getattr(self, key)
+            require(value > 0, f"optimizer.{key} must be > 0, got {value}.")
+
+
+class Optimizer(ABC):
+    """One optimizer bound to one :class:`~ksd.problem.Problem`.
+
+    Like ``torch.optim``: constructor takes what it optimizes and its hyperparameters, ``step``
+    performs one update and ``state_dict``/``load_state_dict`` capture everything needed to resume.
+    ``step`` returns statistics of the update (tensors are fine: the engine reads them only at
+    evaluation time, so no host synchronisation is forced inside a step).
+    """
+
+    Config: ClassVar[type[OptimizerConfig]] = OptimizerConfig
+
+    def __init__(self, problem: Problem, config: OptimizerConfig | None = None) -> None:
+        self.problem = problem
+        self.config = config if config is not None else self.Config(name=type(self).__name__.lower())
+        self.state: dict[str, Any] = {}
+
+    @abstractmethod
+    def step(self) -> Stats:
+        """Perform one update of ``problem.theta``; return statistics, including ``loss``."""
+
+    def next_batch(self):
+        """The configured gradient batch: a mini-batch of ``batch_size`` or the whole training set."""
+        size = self.config.batch_size
+        return self.problem.full_batch if size is None else self.problem.next_batch(size)
+
+    def regularized(self, loss: Tensor, grad: Tensor | None = None, theta: Tensor | None = None):
+        """Add the L2 term ``τ/2 ‖θ‖²`` to a loss (and ``τ θ`` to its gradient)."""
+        tau = self.config.weight_decay
+        if tau == 0:
+            return loss if grad is None else (loss, grad)
+        theta = self.problem.theta if theta is None else theta
+        loss = loss + 0.5 * tau * theta.dot(theta)
+        return loss if grad is None else (loss, grad + tau * theta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": dataclasses.asdict(self.config), "state": _to_cpu(self.state)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        device = self.problem.device
+        self.state = _to_device(state_dict["state"], device)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

@@ -1,0 +1,142 @@
+"""Linear algebra and line searches shared by the quasi-Newton and Newton-type optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+def two_loop_recursion(
+    grad: Tensor, steps: Sequence[Tensor], grad_diffs: Sequence[Tensor], rhos: Sequence[float], gamma: float
+) -> Tensor:
+    """L-BFGS inverse-Hessian product ``H g`` by the two-loop recursion (Nocedal & Wright, Alg. 7.4).
+
+    ``H`` is the BFGS update of ``H₀ = γ I`` with the pairs ``(s_i, y_i)``, oldest first,
+    ``ρ_i = 1 / (y_iᵀ s_i)``. Returns a new vector; ``grad`` is not modified.
+    """
+    q = grad.clone()
+    alphas = []
+    for s, y, rho in zip(reversed(steps), reversed(grad_diffs), reversed(rhos)):
+        alpha = rho * s.dot(q)
+        q.sub_(alpha * y)
+        alphas.append(alpha)
+    r = q.mul_(gamma)
+    for s, y, rho, alpha in zip(steps, grad_diffs, rhos, reversed(alphas)):
+        beta = rho * y.dot(r)
+        r.add_((alpha - beta) * s)
+    return r
+
+
+def cubic_minimizer(
+    x1: float, f1: float, g1: float, x2: float, f2: float, g2: float, bounds: tuple[float, float] | None = None
+) -> float:
+    """Minimiser of the cubic through ``(x1, f1, f1')`` and ``(x2, f2, f2')`` (Nocedal & Wright eq. 3.59),
+    clipped to ``bounds`` (default: the interval between the points); the midpoint when the cubic has none."""
+    lo, hi = bounds if bounds is not None else (min(x1, x2), max(x1, x2))
+    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+    disc = d1 * d1 - g1 * g2
+    if disc < 0:
+        return (lo + hi) / 2
+    d2 = disc**0.5
+    if x1 <= x2:
+        t = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+    else:
+        t = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+    return min(max(t, lo), hi)
+
+
+@dataclass
+class LineSearchResult:
+    step: float
+    loss: float
+    grad: Tensor
+    evaluations: int
+
+
+@dataclass
+class _Point:
+    t: float
+    f: float
+    g: Tensor
+    slope: float
+
+
+def strong_wolfe(
+    evaluate: Callable[[float], tuple[float, Tensor]],
+    direction: Tensor,
+    loss: float,
+    grad: Tensor,
+    step: float,
+    *,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    tolerance: float = 1e-9,
+    max_evaluations: int = 25,  # trial points after the first, as torch's max_ls
+) -> LineSearchResult:
+    """Step length satisfying the strong Wolfe conditions along ``direction`` (Nocedal & Wright, Alg. 3.5–3.6).
+
+    ``evaluate(t)`` returns the loss and gradient at ``θ + t d``. Sufficient decrease
+    ``f(t) ≤ f(0) + c1 t f'(0)`` and curvature ``|f'(t)| ≤ c2 |f'(0)|``. The bracketing phase
+    extrapolates by cubic interpolation within ``[t + 0.01 (t − t_prev), 10 t]``; the zoom phase
+    interpolates cubically inside the bracket and falls back towards its middle when progress stalls
+    (safeguards of Moré–Thuente / minFunc, the same choices as ``torch.optim.LBFGS``, which this
+    reproduces step for step). Returns the best point found if the budget runs out.
+    """
+    slope0 = grad.dot(direction).item()
+    scale = direction.abs().max().item()
+    start = _Point(0.0, loss, grad, slope0)
+
+    def probe(t: float) -> _Point:
+        f, g = evaluate(t)
+        return _Point(t, f, g, g.dot(direction).item())
+
+    prev, new = start, probe(step)
+    evaluations = 1
+    bracket: list[_Point] | None = None
+    while evaluations <= max_evaluations:
+        if new.f > loss + c1 * new.t * slope0 or (evaluations > 2 and new.f >= prev.f):
+            bracket = [prev, new]
+            break
+        if abs(new.slope) <= -c2 * slope0:
+            return LineSearchResult(new.t, new.f, new.g, evaluations)
+        if new.slope >= 0:
+            bracket = [prev, new]
+            break
+        t = cubic_minimizer(prev.t, prev.f, prev.slope, new.t, new.f, new.slope,
+                            bounds=(new.t + 0.01 * (new.t - prev.t), 10 * new.t))
+        prev, new = new, probe(t)
+        evaluations += 1
+    if bracket is None:
+        bracket = [start, new]
+
+    stalled = False
+    while evaluations <= max_evaluations:
+        low, high = (0, 1) if bracket[0].f <= bracket[1].f else (1, 0)
+        a, b = bracket
+        if abs(b.t - a.t) * scale < tolerance:
+            break
+        t = cubic_minimizer(a.t, a.f, a.slope, b.t, b.f, b.slope)
+        lo_t, hi_t = min(a.t, b.t), max(a.t, b.t)
+        margin = 0.1 * (hi_t - lo_t)
+        if min(hi_t - t, t - lo_t) < margin:
+            if stalled or t >= hi_t or t <= lo_t:
+                t = hi_t - margin if abs(t - hi_t) < abs(t - lo_t) else lo_t + margin
+                stalled = False
+            else:
+                stalled = True
+        else:
+            stalled = False
+        new = probe(t)
+        evaluations += 1
+        if new.f > loss + c1 * t * slope0 or new.f >= bracket[low].f:
+            bracket[high] = new
+        else:
+            if abs(new.slope) <= -c2 * slope0:
+                return LineSearchResult(new.t, new.f, new.g, evaluations)
+            if new.slope * (bracket[high].t - bracket[low].t) >= 0:
+                bracket[high] = bracket[low]
+            bracket[low] = new
+    best = bracket[0] if bracket[0].f <= bracket[1].f else bracket[1]
+    return LineSearchResult(best.t, best.f, best.g, evaluations)

@@ -1,0 +1,144 @@
+"""One run, from a composed configuration to the files in its output directory.
+
+``execute`` is what ``ksd-run`` calls inside Hydra, and what tests call directly:
+
+    validate config → load data → build model, problem, optimizer → engine.train → results
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ksd import engine
+from ksd.config import ConfigError, Settings, validate
+from ksd.data import DataError, load_dataset
+from ksd.logging import build_loggers
+from ksd.models import build_model
+from ksd.optim import build_optimizer
+from ksd.problem import Problem
+from ksd.results import plot_convergence, write_json
+
+log = logging.getLogger("ksd")
+
+
+class RunError(Exception):
+    """A run that cannot start; the message is one sentence for the user."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was requested but CUDA is not available here; use device=cpu or auto.")
+    return torch.device(name)
+
+
+def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
+    """Data, model, problem and optimizer of a validated configuration, plus lines to log."""
+    device = resolve_device(settings.device)
+    d = settings.dataset
+    splits = load_dataset(
+        d.name, d.root, val_size=d.val_size, train_size=d.train_size, test_size=d.test_size,
+        seed=0, device=device,
+    )
+    batch_size = getattr(settings.optimizer, "batch_size", None)
+    if batch_size is not None and batch_size > len(splits.train):
+        raise ConfigError(
+            f"optimizer.batch_size={batch_size} is larger than the {len(splits.train)} training examples; "
+            "lower it or set it to null for full-batch training."
+        )
+    torch.manual_seed(settings.seed)
+    built = build_model(settings.model, splits.spec)
+    augment = None
+    if d.augment:
+        from ksd.data.cifar10 import augment_cifar
+
+        augment = augment_cifar
+    problem = Problem(
+        built.network.to(device), built.loss, splits, autoencoder=built.autoencoder, seed=settings.seed,
+        max_chunk=settings.run.max_chunk, augment=augment,
+    )
+    optimizer = build_optimizer(settings.optimizer, problem)
+    lines = [
+        f"data: {splits.spec.source} — train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}",
+        *splits.notes,
+        f"model: {built.description}",
+        f"optimizer: {settings.optimizer}",
+        f"device: {device}",
+    ]
+    return problem, optimizer, lines
+
+
+def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run the experiment of ``cfg`` into ``out_dir`` and return its summary.
+
+    Raises :class:`ConfigError` or :class:`~ksd.data.DataError` for unusable input (nothing but a
+    ``summary.json`` with ``status: failed`` is left behind).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "status": "failed",
+        "optimizer": cfg.get("optimizer", {}).get("name"),
+        "dataset": cfg.get("dataset", {}).get("name"),
+        "model": cfg.get("model", {}).get("name"),
+        "seed": cfg.get("seed"),
+    }
+    try:
+        settings = validate(cfg)
+        problem, optimizer, lines = prepare(settings)
+    except (ConfigError, DataError) as err:
+        summary["reason"] = str(err)
+        write_json(out_dir / "summary.json", summary)
+        raise
+    for line in lines:
+        log.info(line)
+    loggers = build_loggers(settings, cfg, out_dir)
+    show = progress if progress is not None else settings.run.progress
+    if show is None:
+        show = sys.stderr.isatty()
+    outcome = engine.train(
+        problem, optimizer, settings.run, lambda row: [lg.log(row) for lg in loggers], progress=show
+    )
+    final = outcome.rows[-1] if outcome.rows else {}
+    summary.update(
+        status=outcome.status,
+        reason=outcome.reason,
+        steps=outcome.steps,
+        epochs=outcome.epochs,
+        wall_time=outcome.wall_time,
+        n_params=problem.n_params,
+        data_source=problem.splits.spec.source,
+        notes=lines,
+        final={k: v for k, v in final.items() if k not in ("step", "epoch", "wall_time")},
+        best=_best(outcome.rows),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    write_json(out_dir / "summary.json", summary)
+    for lg in loggers:
+        lg.finish(summary)
+    if settings.run.plot and outcome.rows:
+        title = f"{settings.optimizer.name} · {settings.model.name} · {settings.dataset.name} · seed {settings.seed}"
+        plot_convergence(outcome.rows, out_dir / "convergence.png", title)
+    log.info(
+        "%s after %d steps, %.2f epochs, %.1f s: train loss %.4g, test loss %s",
+        outcome.status, outcome.steps, outcome.epochs, outcome.wall_time,
+        final.get("train_loss", float("nan")), f"{final['test_loss']:.4g}" if "test_loss" in final else "n/a",
+    )
+    return summary
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Best value of each loss/error (minimum) and accuracy (maximum) over the evaluations."""
+    best: dict[str, float] = {}
+    for key in {k for r in rows for k in r if k.endswith(("_loss", "_error", "_accuracy"))}:
+        values = [r[key] for r in rows if isinstance(r.get(key), float)]
+        if values:
+            best[key] = max(values) if key.endswith("_accuracy") else min(values)
+    return best
