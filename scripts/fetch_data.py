@@ -28,7 +28,10 @@ def fetch(name: str, root: Path) -> int:
     try:
         from torchvision import datasets
     except ImportError:
-        print("fetch_data.py needs torchvision (pip install torchvision), which is not installed.", file=sys.stderr)
+        print(
+            "fetch_data.py needs torchvision (pip install torchvision), which is not installed.",
+            file=sys.stderr,
+        )
         return 2
     root.mkdir(parents=True, exist_ok=True)
     cls = datasets.MNIST if name == "mnist" else datasets.CIFAR10
