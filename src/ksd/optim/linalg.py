@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -140,3 +142,89 @@ def strong_wolfe(
             bracket[low] = new
     best = bracket[0] if bracket[0].f <= bracket[1].f else bracket[1]
     return LineSearchResult(best.t, best.f, best.g, evaluations)
+
+
+@dataclass
+class ConjugateGradientResult:
+    """What :func:`conjugate_gradient` returns: saved iterates and the quadratic model along the way."""
+
+    iterates: list[Tensor]  # x_i at the iterations in ``iterations`` (oldest first; the last is the final x)
+    iterations: list[int]  # their indices i (0 is the starting point)
+    values: list[float]  # q(x_i) for every i = 0, 1, …, iterations[-1]
+    stop: str  # "progress" | "max_iterations" | "non_positive_curvature"
+
+
+#: Martens' relative-progress test compares q_i with q_{i−k}, k = max(MIN_GAP, ceil(GAP_RATIO · i)).
+CG_MIN_GAP, CG_GAP_RATIO = 10, 0.1
+#: Iterates are saved at i = ceil(SAVE_FIRST · SAVE_RATIO^j), j = 0, 1, … (5, 7, 9, 11, 15, 19, 25, …).
+CG_SAVE_FIRST, CG_SAVE_RATIO = 5, 1.3
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor | None = None,
+    *,
+    preconditioner: Tensor | None = None,
+    max_iterations: int = 250,
+    min_iterations: int = 1,
+    tolerance: float = 5e-4,
+) -> ConjugateGradientResult:
+    """Preconditioned conjugate gradient on ``q(x) = ½ xᵀAx − bᵀx`` (solves ``Ax = b``), as in HF.
+
+    Martens (2010), §4.4–4.7 and the demo code's ``conjgrad_1.m``: ``A = matvec`` should be symmetric
+    positive definite; ``preconditioner`` is the diagonal ``M`` (elementwise, ``M⁻¹r`` by division;
+    None = identity); ``x0`` is the (warm) start, zero when None.
+
+    * Stops when ``i ≥ max_iterations``; or when ``pᵀAp ≤ 0`` (or NaN) — the iteration is abandoned and
+      ``x_{i−1}`` is the result; or, once ``i ≥ min_iterations``, by the relative-progress rule
+      ``i > k``, ``q_i < 0`` and ``(q_i − q_{i−k}) / q_i < k·tolerance`` with ``k = max(10, ⌈0.1 i⌉)``
+      (Martens' eq. in §4.4, ε = 5·10⁻⁴). The residual norm is no use here: the quadratic model, not
+      the linear system, is what HF cares about, and float32 residuals stall.
+    * Saves copies of ``x_i`` at ``i = ⌈5·1.3^j⌉`` and the final iterate, for HF's CG backtracking.
+    * ``q_i = ½ (r_i − b)ᵀ x_i`` with ``r_i = A x_i − b`` needs no extra product. One host
+      synchronisation per iteration for ``pᵀAp`` and one for ``q_i``: the algorithm needs both as scalars.
+
+    The matrix-vector product count is the number of iterations, plus one when ``x0`` is given.
+    """
+    if x0 is None:
+        x, r = torch.zeros_like(b), b.neg()
+    else:
+        x = x0.clone()
+        r = matvec(x) - b
+    y = r if preconditioner is None else r / preconditioner
+    p = y.neg()
+    r_dot_y = r.dot(y)
+    values = [0.5 * (r - b).dot(x).item()]
+    iterates: list[Tensor] = []
+    iterations: list[int] = []
+    saves = 0
+    stop = "max_iterations"
+    i = 0
+    while i < max_iterations:
+        product = matvec(p)
+        curvature = p.dot(product)
+        if not curvature.item() > 0:
+            stop = "non_positive_curvature"
+            break
+        alpha = r_dot_y / curvature
+        x.add_(alpha * p)
+        r.add_(alpha * product)
+        y = r if preconditioner is None else r / preconditioner
+        r_dot_y, previous = r.dot(y), r_dot_y
+        p.mul_(r_dot_y / previous).sub_(y)
+        i += 1
+        values.append(0.5 * (r - b).dot(x).item())
+        if i == math.ceil(CG_SAVE_FIRST * CG_SAVE_RATIO**saves):
+            iterates.append(x.clone())
+            iterations.append(i)
+            saves += 1
+        gap = max(CG_MIN_GAP, math.ceil(CG_GAP_RATIO * i))
+        progress = i > gap and values[i] < 0 and (values[i] - values[i - gap]) / values[i] < gap * tolerance
+        if progress and i >= min_iterations:
+            stop = "progress"
+            break
+    if not iterations or iterations[-1] != i:
+        iterates.append(x)
+        iterations.append(i)
+    return ConjugateGradientResult(iterates, iterations, values, stop)
