@@ -40,7 +40,9 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         from ksd.data import DATASETS
 
-        require(self.name in DATASETS, f"dataset.name must be one of {', '.join(DATASETS)}, got {self.name!r}.")
+        require(
+            self.name in DATASETS, f"dataset.name must be one of {', '.join(DATASETS)}, got {self.name!r}."
+        )
         require(self.val_size >= 0, f"dataset.val_size must be >= 0, got {self.val_size}.")
         for key in ("train_size", "test_size"):
             value = getattr(self, key)
@@ -77,7 +79,9 @@ class ModelConfig:
             self.loss is None or self.loss in LOSSES,
             f"model.loss must be null or one of {', '.join(LOSSES)}, got {self.loss!r}.",
         )
-        require(self.init in ("default", "sparse"), f"model.init must be default or sparse, got {self.init!r}.")
+        require(
+            self.init in ("default", "sparse"), f"model.init must be default or sparse, got {self.init!r}."
+        )
         require(
             self.widths is None or all(w > 0 for w in self.widths),
             f"model.widths must be positive integers, got {self.widths}.",
@@ -156,7 +160,7 @@ def _merge(schema: type, node: Any, where: str) -> Any:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         reason = str(err).splitlines()[0].rstrip(".")
-        if "not in struct" in reason or "Key '" in reason and "not in" in reason:
+        if "not in struct" in reason or ("Key '" in reason and "not in" in reason):
             known = ", ".join(f.name for f in dataclasses.fields(schema))
             raise ConfigError(f"unknown key {where}.{key}; valid keys are: {known}.") from None
         raise ConfigError(f"invalid value for {where}.{key}: {reason}.") from None
@@ -174,8 +178,10 @@ def validate(cfg: DictConfig) -> Settings:
     extra = {k: v for k, v in cfg.items() if k not in top_level}
     require(isinstance(cfg.get("seed"), int), f"seed must be an integer, got {cfg.get('seed')!r}.")
     device = cfg.get("device")
-    require(device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:"),
-            f"device must be auto, cpu or cuda, got {device!r}.")
+    require(
+        device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:"),
+        f"device must be auto, cpu or cuda, got {device!r}.",
+    )
     opt_node = cfg.get("optimizer")
     require(isinstance(opt_node, DictConfig) and "name" in opt_node, "the optimizer config needs a name.")
     opt_cls = optimizer_class(opt_node.name)

@@ -183,8 +183,14 @@ def _progress_bar(cfg: RunConfig, progress: bool):
         total, unit = cfg.max_epochs, "epoch"
     else:
         total, unit = cfg.max_seconds, "s"
-    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True,
-                bar_format="{l_bar}{bar}| {n:.4g}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]")
+    return tqdm(
+        total=total,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=True,
+        bar_format="{l_bar}{bar}| {n:.4g}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]",
+    )
 
 
 def _progress_units(cfg: RunConfig, problem: Problem, clock: Clock, steps: int) -> float:

@@ -42,7 +42,7 @@ class Loss(ABC):
 
     @abstractmethod
     def output_hessian_vector_product(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
-        """``H_ℓ u`` for each example, where ``H_ℓ = ∂²ℓ/∂z²`` of the per-example loss; same shape as ``u``."""
+        """``H_ℓ u`` per example, ``H_ℓ = ∂²ℓ/∂z²`` of the per-example loss; same shape as ``u``."""
 
     @abstractmethod
     def error(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -63,7 +63,7 @@ class SigmoidCrossEntropy(Loss):
         return p * (1 - p) * u
 
     def error(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Squared reconstruction error ``Σ_j (σ(z_j) − t_j)²`` (Hinton & Salakhutdinov 2006, Martens 2010)."""
+        """Squared reconstruction error ``Σ_j (σ(z_j) − t_j)²`` (Hinton & Salakhutdinov 2006)."""
         return (torch.sigmoid(outputs) - targets).pow(2).flatten(1).sum(1)
 
 

@@ -186,7 +186,7 @@ class Problem:
         """Mean loss over ``batch`` and its gradient as a flat vector, at ``theta`` (default: current)."""
         self.counts.gradient += len(batch)
         point = (self.theta if theta is None else theta).detach().requires_grad_()
-        loss_total = torch.zeros((), device=point.device)
+        loss_total = point.new_zeros(())
         grad = torch.zeros_like(point)
         for chunk in batch.chunks(self.max_chunk):
             out = self.outputs(chunk.inputs, point)
@@ -210,8 +210,8 @@ class Problem:
         """
         n = len(split) if max_examples is None else min(max_examples, len(split))
         batch = self.batch(split, slice(0, n))
-        loss = torch.zeros((), device=self.device)
-        error = torch.zeros((), device=self.device)
+        loss = self.theta.new_zeros(())
+        error = self.theta.new_zeros(())
         with torch.no_grad():
             for chunk in batch.chunks(self.max_chunk):
                 out = self.outputs(chunk.inputs)

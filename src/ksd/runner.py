@@ -35,7 +35,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} was requested but CUDA is not available here; use device=cpu or auto.")
+        raise ConfigError(
+            f"device={name} was requested but CUDA is not available here; use device=cpu or auto."
+        )
     return torch.device(name)
 
 
@@ -44,8 +46,13 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
     device = resolve_device(settings.device)
     d = settings.dataset
     splits = load_dataset(
-        d.name, d.root, val_size=d.val_size, train_size=d.train_size, test_size=d.test_size,
-        seed=0, device=device,
+        d.name,
+        d.root,
+        val_size=d.val_size,
+        train_size=d.train_size,
+        test_size=d.test_size,
+        seed=0,
+        device=device,
     )
     batch_size = getattr(settings.optimizer, "batch_size", None)
     if batch_size is not None and batch_size > len(splits.train):
@@ -61,12 +68,18 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
 
         augment = augment_cifar
     problem = Problem(
-        built.network.to(device), built.loss, splits, autoencoder=built.autoencoder, seed=settings.seed,
-        max_chunk=settings.run.max_chunk, augment=augment,
+        built.network.to(device),
+        built.loss,
+        splits,
+        autoencoder=built.autoencoder,
+        seed=settings.seed,
+        max_chunk=settings.run.max_chunk,
+        augment=augment,
     )
     optimizer = build_optimizer(settings.optimizer, problem)
     lines = [
-        f"data: {splits.spec.source} — train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}",
+        f"data: {splits.spec.source}; train {len(splits.train)}, val {len(splits.val)}, "
+        f"test {len(splits.test)}",
         *splits.notes,
         f"model: {built.description}",
         f"optimizer: {settings.optimizer}",
@@ -124,12 +137,17 @@ def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> 
     for lg in loggers:
         lg.finish(summary)
     if settings.run.plot and outcome.rows:
-        title = f"{settings.optimizer.name} · {settings.model.name} · {settings.dataset.name} · seed {settings.seed}"
+        s = settings
+        title = f"{s.optimizer.name} · {s.model.name} · {s.dataset.name} · seed {s.seed}"
         plot_convergence(outcome.rows, out_dir / "convergence.png", title)
     log.info(
         "%s after %d steps, %.2f epochs, %.1f s: train loss %.4g, test loss %s",
-        outcome.status, outcome.steps, outcome.epochs, outcome.wall_time,
-        final.get("train_loss", float("nan")), f"{final['test_loss']:.4g}" if "test_loss" in final else "n/a",
+        outcome.status,
+        outcome.steps,
+        outcome.epochs,
+        outcome.wall_time,
+        final.get("train_loss", float("nan")),
+        f"{final['test_loss']:.4g}" if "test_loss" in final else "n/a",
     )
     return summary
 

@@ -28,13 +28,21 @@ class WandbLogger:
         mode = c.mode or ("online" if _has_api_key() else "offline")
         name = f"{settings.optimizer.name}-{settings.model.name}-{settings.dataset.name}-s{settings.seed}"
         self.run = wandb.init(
-            project=c.project, entity=c.entity, group=c.group, mode=mode, dir=str(out_dir), name=name,
-            config=OmegaConf.to_container(cfg, resolve=True), reinit="create_new",
+            project=c.project,
+            entity=c.entity,
+            group=c.group,
+            mode=mode,
+            dir=str(out_dir),
+            name=name,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="create_new",
         )
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log(row, step=row["step"])
 
     def finish(self, summary: dict[str, Any]) -> None:
-        self.run.summary.update({k: v for k, v in summary.items() if k in ("status", "steps", "epochs", "wall_time")})
+        self.run.summary.update(
+            {k: v for k, v in summary.items() if k in ("status", "steps", "epochs", "wall_time")}
+        )
         self.run.finish()

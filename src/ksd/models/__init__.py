@@ -37,12 +37,15 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> BuiltModel:
         network = autoencoder(spec.input_shape, widths, cfg.activation)
         loss_name = cfg.loss or "sigmoid_cross_entropy"
         if loss_name == "softmax_cross_entropy":
-            raise ConfigError("model=autoencoder needs a reconstruction loss (sigmoid_cross_entropy or squared_error).")
+            raise ConfigError(
+                "model=autoencoder needs a reconstruction loss (sigmoid_cross_entropy or squared_error)."
+            )
         arch = "-".join(map(str, [*widths, *reversed(widths[:-1])]))
     else:
         if spec.num_classes is None:
             raise ConfigError(
-                f"model={cfg.name} is a classifier but dataset {spec.name} has no labels; use model=autoencoder."
+                f"model={cfg.name} is a classifier but dataset {spec.name} has no labels; "
+                "use model=autoencoder."
             )
         loss_name = cfg.loss or "softmax_cross_entropy"
         if loss_name != "softmax_cross_entropy":
@@ -59,7 +62,9 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> BuiltModel:
     if cfg.init == "sparse":
         sparse_init_(network, cfg.sparse_connections, scale=0.5 if cfg.activation == "tanh" else 1.0)
     n_params = sum(p.numel() for p in network.parameters())
-    description = f"{cfg.name} {arch} ({cfg.activation}, {loss_name}, {cfg.init} init, {n_params:,} parameters)"
+    description = (
+        f"{cfg.name} {arch} ({cfg.activation}, {loss_name}, {cfg.init} init, {n_params:,} parameters)"
+    )
     return BuiltModel(network, build_loss(loss_name), cfg.name == "autoencoder", description)
 
 

@@ -16,12 +16,19 @@ from torch import nn
 from ksd.models.layers import ACTIVATIONS
 
 
-def _conv_block(c_in: int, c_out: int, k: int, padding: int, activation: str, pool: nn.Module) -> list[nn.Module]:
+def _conv_block(
+    c_in: int, c_out: int, k: int, padding: int, activation: str, pool: nn.Module
+) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, k, padding=padding), ACTIVATIONS[activation](), pool]
 
 
-def _head(input_shape: tuple[int, ...], features: nn.Sequential, widths: list[int], activation: str,
-          num_classes: int) -> nn.Sequential:
+def _head(
+    input_shape: tuple[int, ...],
+    features: nn.Sequential,
+    widths: list[int],
+    activation: str,
+    num_classes: int,
+) -> nn.Sequential:
     with torch.no_grad():
         flat = features(torch.zeros(1, *input_shape)).numel()
     layers: list[nn.Module] = [nn.Flatten()]

@@ -69,8 +69,12 @@ class SGD(_TorchOptimizer):
     def _make(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         c = self.config
         return torch.optim.SGD(
-            params, lr=c.lr, momentum=c.momentum, dampening=c.dampening,
-            nesterov=c.nesterov, weight_decay=c.weight_decay,
+            params,
+            lr=c.lr,
+            momentum=c.momentum,
+            dampening=c.dampening,
+            nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
         )
 
 

@@ -65,7 +65,9 @@ class LBFGS(Optimizer):
         else:
             loss, grad = self._loss_and_grad(batch, theta)
         if st["steps"]:
-            direction = two_loop_recursion(grad, st["steps"], st["grad_diffs"], st["rhos"], st["gamma"]).neg_()
+            direction = two_loop_recursion(
+                grad, st["steps"], st["grad_diffs"], st["rhos"], st["gamma"]
+            ).neg_()
         else:
             direction = grad.neg()
         slope = grad.dot(direction).item()
@@ -79,8 +81,15 @@ class LBFGS(Optimizer):
                 return f.item(), g
 
             result = strong_wolfe(
-                evaluate, direction, loss.item(), grad, t, c1=c.c1, c2=c.c2,
-                tolerance=c.tolerance_change, max_evaluations=c.max_evaluations,
+                evaluate,
+                direction,
+                loss.item(),
+                grad,
+                t,
+                c1=c.c1,
+                c2=c.c2,
+                tolerance=c.tolerance_change,
+                max_evaluations=c.max_evaluations,
             )
             t, new_loss, new_grad, evaluations = result.step, result.loss, result.grad, result.evaluations
         else:
@@ -90,7 +99,7 @@ class LBFGS(Optimizer):
         theta.add_(step)
         self._remember(step, new_grad - grad)
         st["iteration"] += 1
-        st["cached"] = (torch.as_tensor(new_loss), new_grad) if full_batch else None
+        st["cached"] = (theta.new_tensor(new_loss), new_grad) if full_batch else None
         return {"loss": loss, "step_size": t, "evaluations": evaluations}
 
     def _remember(self, step: torch.Tensor, grad_diff: torch.Tensor) -> None:

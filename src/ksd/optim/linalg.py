@@ -32,7 +32,13 @@ def two_loop_recursion(
 
 
 def cubic_minimizer(
-    x1: float, f1: float, g1: float, x2: float, f2: float, g2: float, bounds: tuple[float, float] | None = None
+    x1: float,
+    f1: float,
+    g1: float,
+    x2: float,
+    f2: float,
+    g2: float,
+    bounds: tuple[float, float] | None = None,
 ) -> float:
     """Minimiser of the cubic through ``(x1, f1, f1')`` and ``(x2, f2, f2')`` (Nocedal & Wright eq. 3.59),
     clipped to ``bounds`` (default: the interval between the points); the midpoint when the cubic has none."""
@@ -77,7 +83,7 @@ def strong_wolfe(
     tolerance: float = 1e-9,
     max_evaluations: int = 25,  # trial points after the first, as torch's max_ls
 ) -> LineSearchResult:
-    """Step length satisfying the strong Wolfe conditions along ``direction`` (Nocedal & Wright, Alg. 3.5–3.6).
+    """Step length satisfying the strong Wolfe conditions along ``direction`` (Nocedal & Wright, Alg. 3.5-6).
 
     ``evaluate(t)`` returns the loss and gradient at ``θ + t d``. Sufficient decrease
     ``f(t) ≤ f(0) + c1 t f'(0)`` and curvature ``|f'(t)| ≤ c2 |f'(0)|``. The bracketing phase
@@ -106,8 +112,15 @@ def strong_wolfe(
         if new.slope >= 0:
             bracket = [prev, new]
             break
-        t = cubic_minimizer(prev.t, prev.f, prev.slope, new.t, new.f, new.slope,
-                            bounds=(new.t + 0.01 * (new.t - prev.t), 10 * new.t))
+        t = cubic_minimizer(
+            prev.t,
+            prev.f,
+            prev.slope,
+            new.t,
+            new.f,
+            new.slope,
+            bounds=(new.t + 0.01 * (new.t - prev.t), 10 * new.t),
+        )
         prev, new = new, probe(t)
         evaluations += 1
     if bracket is None:

@@ -1,0 +1,47 @@
+# ksd-run — `make run` and `make test` work on a fresh clone with nothing installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev,wandb,slurm,joblib
+# The project's shared data sets, when this checkout sits beside them (CI, the team's machines).
+ifneq ($(wildcard ../shared/data),)
+export KSD_DATA ?= $(abspath ../shared/data)
+endif
+
+.PHONY: install run test test-all lint bench figures clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch first, pinned, so that no dependency resolution pulls another (CUDA) build of it.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/ksd-run $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests scripts
+
+bench: install
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+figures: install
+	$(BIN)/python scripts/make_figures.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

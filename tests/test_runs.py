@@ -1,0 +1,156 @@
+"""End-to-end runs through the same path as `ksd-run`: every documented combination trains and learns."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import compose_config
+
+from ksd.runner import execute
+
+
+def run(tmp_path, monkeypatch, data_root, *overrides: str) -> tuple[dict, list[dict]]:
+    monkeypatch.setenv("KSD_DATA", str(data_root))
+    summary = execute(compose_config(*overrides), tmp_path, progress=False)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == summary["status"]
+    return summary, rows
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "extra"),
+    [
+        ("sgd", ["optimizer.lr=0.05"]),
+        ("lbfgs", ["optimizer.batch_size=null"]),
+    ],
+)
+def test_mnist_autoencoder_learns(tmp_path, monkeypatch, data_root, optimizer, extra):
+    summary, rows = run(
+        tmp_path,
+        monkeypatch,
+        data_root,
+        "dataset=mnist",
+        "model=autoencoder",
+        f"optimizer={optimizer}",
+        "dataset.train_size=1000",
+        "dataset.test_size=500",
+        "model.widths=[128,32]",
+        "run.max_steps=40",
+        "run.eval_every=20",
+        "run.max_seconds=null",
+        "run.max_epochs=null",
+        *extra,
+    )
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
+    assert last < 0.7 * first, (first, last)
+    assert {
+        "step",
+        "epoch",
+        "wall_time",
+        "train_loss",
+        "val_loss",
+        "test_loss",
+        "train_error",
+        "test_error",
+    } <= set(rows[0])
+    assert (tmp_path / "convergence.png").stat().st_size > 10_000
+
+
+def test_mnist_mlp_adam_passes_90_percent_test_accuracy(tmp_path, monkeypatch, data_root):
+    summary, rows = run(
+        tmp_path,
+        monkeypatch,
+        data_root,
+        "dataset=mnist",
+        "model=mlp",
+        "optimizer=adam",
+        "dataset.train_size=20000",
+        "dataset.test_size=5000",
+        "model.widths=[512,256]",
+        "run.max_epochs=1",
+        "run.max_seconds=null",
+        "run.eval_every=100",
+    )
+    assert summary["status"] == "completed"
+    assert float(rows[-1]["test_accuracy"]) > 0.90
+    assert summary["final"]["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
+
+
+def test_cifar10_cnn_adam_learns(tmp_path, monkeypatch, data_root):
+    summary, rows = run(
+        tmp_path,
+        monkeypatch,
+        data_root,
+        "dataset=cifar10",
+        "model=cnn",
+        "optimizer=adam",
+        "dataset.train_size=2000",
+        "dataset.test_size=500",
+        "dataset.val_size=500",
+        "run.max_steps=60",
+        "run.eval_every=30",
+        "run.max_seconds=null",
+        "run.eval_train_size=1000",
+    )
+    assert float(rows[-1]["train_loss"]) < 0.95 * float(rows[0]["train_loss"])
+    assert float(rows[-1]["test_accuracy"]) > 0.15  # chance is 0.10
+
+
+def test_default_curves_autoencoder_run(tmp_path, monkeypatch, data_root):
+    summary, rows = run(
+        tmp_path,
+        monkeypatch,
+        data_root,
+        "run.max_steps=30",
+        "run.eval_every=10",
+        "dataset.train_size=3000",
+        "dataset.test_size=1000",
+    )
+    assert summary["dataset"] == "curves" and "generated" in summary["data_source"].lower()
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch, data_root):
+    summary, _ = run(
+        tmp_path,
+        monkeypatch,
+        data_root,
+        "dataset=mnist",
+        "model=autoencoder",
+        "optimizer=sgd",
+        "model.activation=relu",
+        "model.loss=squared_error",
+        "optimizer.lr=1e3",
+        "dataset.train_size=500",
+        "dataset.test_size=100",
+        "model.widths=[32,8]",
+        "run.max_steps=50",
+        "run.eval_every=5",
+        "run.max_seconds=null",
+    )
+    assert summary["status"] == "diverged" and "non-finite" in summary["reason"]
+    assert summary["steps"] < 50
+
+
+def test_budget_in_epochs_is_respected(tmp_path, monkeypatch, data_root):
+    summary, rows = run(
+        tmp_path,
+        monkeypatch,
+        data_root,
+        "dataset=mnist",
+        "optimizer=sgd",
+        "model.widths=[32,8]",
+        "dataset.train_size=1000",
+        "dataset.test_size=100",
+        "optimizer.batch_size=100",
+        "run.max_epochs=2",
+        "run.max_seconds=null",
+        "run.eval_every=7",
+    )
+    assert summary["steps"] == 20 and summary["epochs"] == pytest.approx(2.0)
+    assert [int(r["step"]) for r in rows] == [0, 7, 14, 20]
