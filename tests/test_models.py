@@ -42,7 +42,7 @@ def test_paper_autoencoders():
 def test_code_layer_is_linear():
     network = build_model(ModelConfig(), CURVES).network
     layers = list(network)
-    code = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear) and m.out_features == 6][0]
+    code = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear) and m.out_features == 6)
     assert isinstance(layers[code + 1], nn.Linear)  # no activation after the code layer
 
 

@@ -82,7 +82,7 @@ def test_mnist_mlp_adam_passes_90_percent_test_accuracy(tmp_path, monkeypatch, d
 
 
 def test_cifar10_cnn_adam_learns(tmp_path, monkeypatch, data_root):
-    summary, rows = run(
+    _summary, rows = run(
         tmp_path,
         monkeypatch,
         data_root,

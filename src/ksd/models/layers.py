@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -13,7 +15,7 @@ def dense_stack(widths: list[int], activation: str, linear_at: set[int] = frozen
     last and those whose index is in ``linear_at`` (e.g. the code layer of an autoencoder)."""
     layers: list[nn.Module] = []
     last = len(widths) - 2
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(n_in, n_out))
         if i != last and i not in linear_at:
             layers.append(ACTIVATIONS[activation]())
