@@ -1,0 +1,116 @@
+"""K-FAC (Martens & Grosse 2015; KFC for conv layers, Grosse & Martens 2016), the K-BFGS papers' baseline.
+
+As in the K-BFGS authors' code (``kfac_utils.py``, ``training_utils.py``; read for facts, this is an
+independent implementation), per layer and step:
+
+1. forward/backward on the mini-batch for the gradient ``g`` (+ weight decay ``τ θ``) and momentum
+   ``M ← ρ M + (1 − ρ) g``; a second backward through the same graph with targets sampled from the
+   model's predictive distribution gives per-example pre-activation gradients ``δ̃`` (the Fisher,
+   ``matrix_name = 'Fisher'``; the authors run a second forward on the same examples, which gives the
+   same values);
+2. factors as moving averages with ``ρ_i = min(1 − 1/(i+1), 0.9)`` (so step 0 takes the batch's
+   factors; the authors' pre-training pass over the data is overwritten by it and is therefore
+   skipped here): ``A ← ρ_i A + (1 − ρ_i)(1/N) Σ ā āᵀ``, ``G ← ρ_i G + (1 − ρ_i) mean δ̃ δ̃ᵀ``;
+3. damped inverses ``(A + π_A I)⁻¹``, ``(G + π_G I)⁻¹`` with ``π_A = π_G = √λ`` for linear layers
+   (the authors' ``phi_ = 1``) and the 2022 spatial split ``√λ·√|T|``, ``√λ/√|T|`` for conv layers
+   (:meth:`~ksd.optim.kronecker.KroneckerLayer.damping`), recomputed at steps ``i ≤ T_inv`` and
+   every ``T_inv`` steps (``T_inv = 20``);
+4. direction ``P = −(G + π_G I)⁻¹ M (A + π_A I)⁻¹``, i.e. the solution of
+   ``((A + π_A I) ⊗ (G + π_G I)) vec(P) = −vec(M)`` (column-major ``vec``), and ``θ ← θ + α P``.
+
+Defaults (``conf/optimizer/kfac.yaml``) are the authors' MNIST-autoencoder demo: α = 1, λ = 3, factor
+decay 0.9, inverses every 20 steps, momentum 0.9, τ = 1e-5, batch 1000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ksd.config import require
+from ksd.losses import Loss
+from ksd.optim.kbfgs import damped_inverse
+from ksd.optim.kronecker import KroneckerOptimizer
+from ksd.problem import Problem
+
+
+def sample_targets(loss: Loss, outputs: Tensor, generator: torch.Generator) -> Tensor:
+    """Targets drawn from the model's predictive distribution at ``outputs`` (the Fisher's ``t̃``).
+
+    Bernoulli(σ(z)) for sigmoid cross-entropy, Categorical(softmax(z)) for softmax cross-entropy (by
+    the Gumbel-max trick, no host synchronisation), N(z, I) for ``½‖z − t‖²``
+    (``training_utils.sample_from_pred_dist``).
+    """
+    noise = torch.rand(outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype)
+    if loss.name == "sigmoid_cross_entropy":
+        return (noise < torch.sigmoid(outputs)).to(outputs.dtype)
+    if loss.name == "softmax_cross_entropy":
+        gumbel = -torch.log(-torch.log(noise.clamp_min(torch.finfo(noise.dtype).tiny)))
+        return (outputs + gumbel).argmax(-1)
+    if loss.name == "squared_error":
+        return outputs + torch.randn(
+            outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype
+        )
+    raise ValueError(f"K-FAC has no predictive distribution for loss {loss.name!r}.")
+
+
+class KFAC(KroneckerOptimizer):
+    @dataclass
+    class Config(KroneckerOptimizer.Config):
+        name: str = "kfac"
+        lr: float = 1.0
+        damping: float = 3.0
+        factor_decay: float = 0.9  # upper bound of ρ_i in the factors' moving averages
+        inverse_every: int = 20  # T_inv: refresh the damped inverses every this many steps
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(
+                0 <= self.factor_decay < 1,
+                f"optimizer.factor_decay must be in [0, 1), got {self.factor_decay}.",
+            )
+            require(
+                self.inverse_every >= 1, f"optimizer.inverse_every must be >= 1, got {self.inverse_every}."
+            )
+
+    def __init__(self, problem: Problem, config: Config | None = None) -> None:
+        super().__init__(problem, config)
+        like = problem.theta
+        self.state.update(
+            A=[like.new_zeros(layer.n_in, layer.n_in) for layer in self.layers],
+            G=[like.new_zeros(layer.n_out, layer.n_out) for layer in self.layers],
+            A_inv=[],
+            G_inv=[],
+        )
+        self.generator = torch.Generator(device=like.device).manual_seed(problem.generator.initial_seed())
+
+    def step(self) -> dict:
+        c, st, problem = self.config, self.state, self.problem
+        i = st["step"]
+        lr = self.learning_rate()  # from the epoch reached before this step's batch
+        batch = self.next_batch()
+        record = self.layers.forward_backward(
+            batch,
+            gradient=True,
+            sampled_targets=lambda out: sample_targets(problem.loss_fn, out, self.generator),
+        )
+        loss, grad = self.regularized(record.loss, record.grad)
+        momentum = self.momentum_gradient(grad)
+        rho = min(1 - 1 / (i + 1), c.factor_decay)
+        refresh = i <= c.inverse_every or i % c.inverse_every == 0
+        if refresh:
+            st["A_inv"], st["G_inv"] = [], []
+        named_momentum, named_theta = problem.unflatten(momentum), problem.unflatten(problem.theta)
+        for index, (layer, rec) in enumerate(zip(self.layers, record.layers)):
+            st["A"][index].mul_(rho).add_(layer.input_second_moment(rec, record.examples), alpha=1 - rho)
+            st["G"][index].mul_(rho).add_(layer.output_grad_second_moment(rec), alpha=1 - rho)
+            if refresh:
+                damping_a, damping_g = layer.damping(c.damping)
+                st["A_inv"].append(damped_inverse(st["A"][index], damping_a))
+                st["G_inv"].append(damped_inverse(st["G"][index], damping_g))
+            direction = st["G_inv"][index] @ layer.times_input_factor(named_momentum, st["A_inv"][index])
+            layer.add_matrix_(named_theta, direction, -lr)
+        st["step"] += 1
+        return {"loss": loss, "lr": lr}
