@@ -22,17 +22,22 @@ original could be found)
        triples are used in draw order, so the first k images never depend on how many are generated.
     2. The curve is the parabola through P0, P1, P2: the quadratic Lagrange interpolant with P0 at t = 0,
        P2 at t = 1 and P1 at the chord-length parameter s = |P1-P0| / (|P1-P0| + |P2-P1|) clamped to
-       [0.1, 0.9]; it is evaluated at ``SEGMENTS`` + 1 = 65 equally spaced t in [0, 1] (float64) giving a
-       64-segment polyline. Parts that leave the frame are simply clipped by it.
-    3. Each pixel's intensity is ``clip(w / 2 + 0.5 - d, 0, 1)`` with stroke width ``w`` = 1.5 px and ``d``
-       the distance (float32) from the pixel centre to the polyline: an anti-aliased 1.5 px stroke (solid
-       within 0.25 px of the curve, fading linearly to 0 at 1.25 px).
+       [0.1, 0.9]; it is evaluated (NumPy float64) at the ``SEGMENTS`` + 1 = 65 parameters t = i / 64,
+       giving a 64-segment polyline. Parts that leave the frame are simply clipped by it.
+    3. Each pixel's intensity is ``clip(w / 2 + 0.5 - d, 0, 1)`` with stroke width ``w`` = 1.5 px and
+       ``d`` the distance (NumPy float64) from the pixel centre to the polyline: an anti-aliased 1.5 px
+       stroke (solid within 0.25 px of the curve, fading linearly to 0 at 1.25 px).
     4. Intensities are quantised to uint8 as ``round(255 * I)`` (like 8-bit images); values returned are
        those uint8 / 255, whether freshly generated or read from the cache.
     5. Images 0..19999 are the training set, 20000..29999 the test set.
 
-    The distance computation is vectorised with torch over chunks of images (a loop over the 64 segments
-    only): about 2-3 s for all 30000 images on 2 CPU cores. The uint8 result (30000, 784) is cached as
+    Everything is NumPy float64 with elementwise operations only (no library reductions, linspace or
+    norm), so the images are the same on every machine: a last-bit difference between builds (seen with
+    torch float32 kernels, 2.11 vs 2.13, which flipped some uint8 values) reaches the uint8 rounding in
+    float64 only in astronomically rare cases. The distance computation is vectorised over chunks of
+    ``_CHUNK`` images (a Python loop over the 64 segments only) and the chunks run in a thread pool, one
+    thread per core (NumPy releases the GIL; no torch thread settings are touched): roughly 5-10 s for
+    all 30000 images on 2 CPU cores, once. The uint8 result (30000, 28, 28) is cached as
     ``curves-synthetic-v{RECIPE_VERSION}-seed0-20000+10000.npz`` in the cache folder (``$KSD_CACHE`` or
     ``~/.cache/ksd``). About 5 % of the pixels are above 0.5 on average. The data set has no labels.
     Numbers obtained on it are not comparable with published CURVES results.
@@ -40,10 +45,11 @@ original could be found)
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import _cache
 from .splits import DataError, RawData
@@ -57,7 +63,13 @@ SEGMENTS = 64
 MIN_PATH = 12.0
 _LOW, _HIGH = 2.0, SIZE - 3.0
 _BLOCK = 4096
+_CHUNK = 128  # images per work item of the distance computation
 MAT_CANDIDATES = ("curves/digs3pts_1.mat", "curves/curves.mat", "digs3pts_1.mat")
+
+
+def _length(v: np.ndarray) -> np.ndarray:
+    """Euclidean length over the last axis (size 2), written out so every platform rounds alike."""
+    return np.sqrt(v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1])
 
 
 def _draw_points(n: int, seed: int) -> np.ndarray:
@@ -67,56 +79,79 @@ def _draw_points(n: int, seed: int) -> np.ndarray:
     count = 0
     while count < n:
         cand = rng.uniform(_LOW, _HIGH, size=(_BLOCK, 3, 2))
-        path = np.linalg.norm(cand[:, 1] - cand[:, 0], axis=1) + np.linalg.norm(
-            cand[:, 2] - cand[:, 1], axis=1
-        )
+        path = _length(cand[:, 1] - cand[:, 0]) + _length(cand[:, 2] - cand[:, 1])
         good = cand[path >= MIN_PATH]
         kept.append(good)
         count += len(good)
     return np.concatenate(kept)[:n] if kept else np.zeros((0, 3, 2))
 
 
-def _polylines(points: torch.Tensor, segments: int) -> torch.Tensor:
-    """Sample the parabola through each triple (float64 (n, 3, 2)) at ``segments + 1`` points: (n, K, 2)."""
+def _polylines(points: np.ndarray, segments: int) -> np.ndarray:
+    """Sample the parabola through each triple (float64 (n, 3, 2)) at ``segments + 1`` points: (n, K, 2).
+
+    Only elementwise IEEE operations in NumPy float64 (no library reductions), so the result is
+    bit-identical on every machine.
+    """
     p0, p1, p2 = points[:, 0], points[:, 1], points[:, 2]
-    d01 = (p1 - p0).norm(dim=1)
-    d12 = (p2 - p1).norm(dim=1)
-    s = (d01 / (d01 + d12).clamp_min(1e-9)).clamp(0.1, 0.9)[:, None]
-    t = torch.linspace(0.0, 1.0, segments + 1, dtype=points.dtype)[None, :]
+    d01 = _length(p1 - p0)
+    d12 = _length(p2 - p1)
+    s = np.clip(d01 / np.maximum(d01 + d12, 1e-9), 0.1, 0.9)[:, None]
+    t = (np.arange(segments + 1, dtype=np.float64) / segments)[None, :]
     basis0 = (t - s) * (t - 1.0) / s
     basis1 = t * (t - 1.0) / (s * (s - 1.0))
     basis2 = t * (t - s) / (1.0 - s)
     return basis0[..., None] * p0[:, None] + basis1[..., None] * p1[:, None] + basis2[..., None] * p2[:, None]
 
 
-def _distance_to_polylines(lines: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
-    """Distance (float32 (n, size*size)) from every pixel centre to each image's polyline (n, K, 2)."""
-    coords = torch.arange(size, dtype=torch.float32)
-    px = coords.repeat(size)[None, :]  # x = column
-    py = coords.repeat_interleave(size)[None, :]  # y = row
-    out = []
-    for part in lines.to(torch.float32).split(chunk):
-        start, vec = part[:, :-1], part[:, 1:] - part[:, :-1]
-        inv_len2 = 1.0 / vec.pow(2).sum(-1).clamp_min(1e-12)
-        best = torch.full((part.shape[0], size * size), float("inf"))
-        for k in range(start.shape[1]):
-            ux, uy = vec[:, k, 0:1], vec[:, k, 1:2]
-            dx = px - start[:, k, 0:1]
-            dy = py - start[:, k, 1:2]
-            t = ((dx * ux + dy * uy) * inv_len2[:, k : k + 1]).clamp_(0.0, 1.0)
-            dx.sub_(t * ux)
-            dy.sub_(t * uy)
-            torch.minimum(best, dx * dx + dy * dy, out=best)
-        out.append(best.sqrt_())
-    return torch.cat(out) if out else torch.zeros(0, size * size)
+def _distance_chunk(lines: np.ndarray, size: int) -> np.ndarray:
+    """Distance (float64 (n, size*size)) from every pixel centre to each image's polyline (n, K, 2)."""
+    coords = np.arange(size, dtype=np.float64)
+    px = np.tile(coords, size)[None, :]  # x = column
+    py = np.repeat(coords, size)[None, :]  # y = row
+    n = lines.shape[0]
+    start, vec = lines[:, :-1], lines[:, 1:] - lines[:, :-1]
+    inv_len2 = 1.0 / np.maximum(vec[..., 0] * vec[..., 0] + vec[..., 1] * vec[..., 1], 1e-12)
+    best = np.full((n, size * size), np.inf)
+    dx, dy, t, tmp = (np.empty((n, size * size)) for _ in range(4))
+    for k in range(start.shape[1]):  # distance to segment k, in place: projection clamped to the segment
+        ux, uy = vec[:, k, 0:1], vec[:, k, 1:2]
+        np.subtract(px, start[:, k, 0:1], out=dx)
+        np.subtract(py, start[:, k, 1:2], out=dy)
+        np.multiply(dx, ux, out=t)
+        np.multiply(dy, uy, out=tmp)
+        t += tmp
+        t *= inv_len2[:, k : k + 1]
+        np.maximum(t, 0.0, out=t)
+        np.minimum(t, 1.0, out=t)
+        np.multiply(t, ux, out=tmp)
+        dx -= tmp
+        np.multiply(t, uy, out=tmp)
+        dy -= tmp
+        np.multiply(dx, dx, out=dx)
+        np.multiply(dy, dy, out=dy)
+        dx += dy
+        np.minimum(best, dx, out=best)
+    return np.sqrt(best, out=best)
+
+
+def _workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def generate_curves(n: int, seed: int = GENERATOR_SEED) -> np.ndarray:
     """The first ``n`` synthetic CURVES images (recipe in the module docstring) as uint8 (n, 28, 28)."""
-    points = torch.from_numpy(_draw_points(n, seed))
-    dist = _distance_to_polylines(_polylines(points, SEGMENTS), SIZE)
-    intensity = (STROKE_WIDTH / 2 + 0.5 - dist).clamp_(0.0, 1.0)
-    return intensity.mul_(255.0).round_().to(torch.uint8).numpy().reshape(n, SIZE, SIZE)
+    lines = _polylines(_draw_points(n, seed), SEGMENTS)
+    chunks = [lines[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:  # NumPy releases the GIL in its loops
+        dist = list(pool.map(lambda part: _distance_chunk(part, SIZE), chunks))
+    if not dist:
+        return np.zeros((0, SIZE, SIZE), dtype=np.uint8)
+    intensity = np.clip(STROKE_WIDTH / 2 + 0.5 - np.concatenate(dist), 0.0, 1.0)
+    return np.rint(intensity * 255.0).astype(np.uint8).reshape(n, SIZE, SIZE)
 
 
 def find_mat(root: Path) -> Path | None:
