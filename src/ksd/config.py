@@ -101,6 +101,8 @@ class RunConfig:
     max_chunk: int = 10_000  # largest number of examples pushed through the network at once
     progress: bool | None = None  # progress bar; None: only when stderr is a terminal
     plot: bool = True  # write convergence.png at the end
+    skip_completed: bool = True  # ksd-run returns at once if out dir has a completed run of this config
+    checkpoint_every: int = 10  # write checkpoint.pt every N evaluations (0: only on SIGTERM/SIGUSR2)
 
     def __post_init__(self) -> None:
         require(
@@ -112,6 +114,7 @@ class RunConfig:
             require(value is None or value > 0, f"run.{key} must be positive or null, got {value}.")
         require(self.eval_every >= 1, f"run.eval_every must be >= 1, got {self.eval_every}.")
         require(self.max_chunk >= 1, f"run.max_chunk must be >= 1, got {self.max_chunk}.")
+        require(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}.")
         require(
             self.eval_train_size is None or self.eval_train_size > 0,
             f"run.eval_train_size must be positive or null, got {self.eval_train_size}.",

@@ -8,7 +8,8 @@
         every run.eval_every steps: evaluate, write a metrics row
     evaluate at the end
 
-Training wall time excludes evaluation and is read with the device synchronised at evaluation
+A run can be checkpointed (:meth:`Trainer.state_dict`) and resumed exactly; SIGTERM and SIGUSR2 stop it
+at the next step boundary with a checkpoint. Training wall time excludes evaluation and is read with the device synchronised at evaluation
 points only; nothing inside a step forces a host synchronisation. A non-finite loss, or an
 optimizer raising :class:`Diverged`, ends the run with ``status = "diverged"`` and the reason.
 """
@@ -16,7 +17,9 @@ optimizer raising :class:`Diverged`, ends the run with ``status = "diverged"`` a
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ class RunOutcome:
     epochs: float
     wall_time: float
     rows: list[dict[str, Any]] = field(default_factory=list)
+    signal: int | None = None  # the stop signal of an interrupted run
 
 
 def synchronize(device: torch.device) -> None:
@@ -94,6 +98,170 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, Tensor) else value
 
 
+class _Signals:
+    """Remembers SIGTERM / SIGUSR2 (what SLURM sends before preemption) until the next step boundary."""
+
+    NAMES = ("SIGTERM", "SIGUSR2")
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                signum = getattr(signal, name)
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """The run loop of one optimizer on one problem, resumable from :meth:`state_dict`.
+
+    Args:
+        problem, optimizer: what to train and how.
+        cfg: budget, evaluation schedule and checkpoint frequency.
+        on_row: receives each metrics row as it is written.
+        checkpoint: called with :meth:`state_dict` every ``cfg.checkpoint_every`` evaluations and when
+            SIGTERM or SIGUSR2 arrives (the run then stops at the step boundary as ``interrupted``).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        optimizer: Optimizer,
+        cfg: RunConfig,
+        on_row: Callable[[dict[str, Any]], None],
+        *,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.problem, self.optimizer, self.cfg = problem, optimizer, cfg
+        self.on_row, self.checkpoint, self.progress = on_row, checkpoint, progress
+        self.clock = Clock(problem.device)
+        self.outcome = RunOutcome("completed", "budget reached", 0, 0.0, 0.0)
+        self.stats: dict[str, Any] = {}
+        self.finite = torch.ones((), dtype=torch.bool, device=problem.device)
+        self.last_recorded: int | None = None
+        self.bar = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where the run is now (at a step boundary)."""
+        state = {
+            "steps": self.outcome.steps,
+            "elapsed": self.clock.elapsed,
+            "rows": list(self.outcome.rows),
+            "stats": {k: _scalar(v) for k, v in self.stats.items()},
+            "finite": bool(self.finite),
+            "last_recorded": self.last_recorded,
+            "problem": self.problem.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.problem.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.problem.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outcome.steps = state["steps"]
+        self.clock.elapsed = state["elapsed"]
+        self.outcome.rows = list(state["rows"])
+        self.stats = dict(state["stats"])
+        self.finite.fill_(state["finite"])
+        self.last_recorded = state["last_recorded"]
+        self.problem.load_state_dict(state["problem"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.problem.device)
+
+    # ------------------------------------------------------------------ the loop
+    def _record(self) -> bool:
+        """Evaluate and write a row; False when the run has diverged."""
+        problem, outcome = self.problem, self.outcome
+        counts = problem.counts
+        row: dict[str, Any] = {
+            "step": outcome.steps,
+            "epoch": problem.epoch,
+            "passes": (counts.gradient + counts.forward + counts.curvature) / problem.n_train,
+            "wall_time": self.clock.elapsed,
+            **evaluate(problem, self.cfg.eval_train_size),
+        }
+        row.update({k: _scalar(v) for k, v in self.stats.items() if k != "loss"})
+        outcome.rows.append(row)
+        self.last_recorded = outcome.steps
+        self.on_row(row)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)
+        if not bool(self.finite) or not math.isfinite(row["train_loss"]):
+            outcome.status, outcome.reason = "diverged", f"non-finite training loss by step {outcome.steps}"
+            return False
+        every = self.cfg.checkpoint_every
+        if self.checkpoint is not None and every and len(outcome.rows) % every == 0:
+            self.checkpoint(self.state_dict())
+        return True
+
+    def _budget_left(self) -> bool:
+        cfg, problem = self.cfg, self.problem
+        return not (
+            (cfg.max_steps is not None and self.outcome.steps >= cfg.max_steps)
+            or (cfg.max_epochs is not None and problem.epoch >= cfg.max_epochs)
+            or (cfg.max_seconds is not None and self.clock.now() >= cfg.max_seconds)
+        )
+
+    def run(self) -> RunOutcome:
+        """Train until the budget is spent, the run diverges or a stop signal arrives."""
+        outcome, problem = self.outcome, self.problem
+        self.bar = _progress_bar(self.cfg, self.progress)
+        ok = self._record() if self.last_recorded is None else True
+        with _Signals() as signals:
+            self.clock.start()
+            while ok and self._budget_left():
+                if signals.received is not None:
+                    self.clock.pause()
+                    outcome.status = "interrupted"
+                    outcome.reason = f"received {signal.Signals(signals.received).name}; checkpointed"
+                    outcome.signal = signals.received
+                    if self.checkpoint is not None:
+                        self.checkpoint(self.state_dict())
+                    break
+                try:
+                    self.stats = self.optimizer.step()
+                except (Diverged, torch.linalg.LinAlgError, FloatingPointError) as err:
+                    self.clock.pause()
+                    outcome.status, outcome.reason = "diverged", f"{type(err).__name__}: {err}"
+                    self._record()
+                    break
+                if "loss" in self.stats:
+                    self.finite &= torch.isfinite(torch.as_tensor(self.stats["loss"], device=problem.device))
+                outcome.steps += 1
+                if self.bar is not None:
+                    self.bar.update(
+                        _progress_units(self.cfg, problem, self.clock, outcome.steps) - self.bar.n
+                    )
+                if outcome.steps % self.cfg.eval_every == 0:
+                    self.clock.pause()
+                    ok = self._record()
+                    self.clock.start()
+            if self.clock.running:
+                self.clock.pause()
+        if ok and outcome.status == "completed" and self.last_recorded != outcome.steps:
+            self._record()
+        outcome.epochs, outcome.wall_time = problem.epoch, self.clock.elapsed
+        if self.bar is not None:
+            self.bar.close()
+        return outcome
+
+
 def train(
     problem: Problem,
     optimizer: Optimizer,
@@ -102,74 +270,8 @@ def train(
     *,
     progress: bool = False,
 ) -> RunOutcome:
-    """Run ``optimizer`` on ``problem`` within the budget of ``cfg``; ``on_row`` receives each metrics row."""
-    clock = Clock(problem.device)
-    outcome = RunOutcome("completed", "budget reached", 0, 0.0, 0.0)
-    stats: dict[str, Any] = {}
-    finite = torch.ones((), dtype=torch.bool, device=problem.device)
-    bar = _progress_bar(cfg, progress)
-
-    def record() -> bool:
-        """Evaluate and write a row; False when the run has diverged."""
-        row: dict[str, Any] = {
-            "step": outcome.steps,
-            "epoch": problem.epoch,
-            "passes": (problem.counts.gradient + problem.counts.forward + problem.counts.curvature)
-            / problem.n_train,
-            "wall_time": clock.elapsed,
-            **evaluate(problem, cfg.eval_train_size),
-        }
-        row.update({k: _scalar(v) for k, v in stats.items() if k != "loss"})
-        outcome.rows.append(row)
-        on_row(row)
-        if bar is not None:
-            bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)
-        if not bool(finite) or not math.isfinite(row["train_loss"]):
-            outcome.status, outcome.reason = "diverged", f"non-finite training loss by step {outcome.steps}"
-            return False
-        return True
-
-    def budget_left() -> bool:
-        return not (
-            (cfg.max_steps is not None and outcome.steps >= cfg.max_steps)
-            or (cfg.max_epochs is not None and problem.epoch >= cfg.max_epochs)
-            or (cfg.max_seconds is not None and clock.now() >= cfg.max_seconds)
-        )
-
-    ok = record()
-    last_recorded = 0
-    clock.start()
-    while ok and budget_left():
-        try:
-            stats = optimizer.step()
-        except Diverged as err:
-            clock.pause()
-            outcome.status, outcome.reason = "diverged", str(err)
-            outcome.epochs, outcome.wall_time = problem.epoch, clock.elapsed
-            record()
-            return _finish(outcome, bar)
-        if "loss" in stats:
-            finite &= torch.isfinite(torch.as_tensor(stats["loss"], device=problem.device))
-        outcome.steps += 1
-        if bar is not None:
-            bar.update(_progress_units(cfg, problem, clock, outcome.steps) - bar.n)
-        if outcome.steps % cfg.eval_every == 0:
-            clock.pause()
-            ok = record()
-            last_recorded = outcome.steps
-            clock.start()
-    if clock.running:
-        clock.pause()
-    if ok and last_recorded != outcome.steps:
-        record()
-    outcome.epochs, outcome.wall_time = problem.epoch, clock.elapsed
-    return _finish(outcome, bar)
-
-
-def _finish(outcome: RunOutcome, bar: Any) -> RunOutcome:
-    if bar is not None:
-        bar.close()
-    return outcome
+    """Run ``optimizer`` on ``problem`` within the budget of ``cfg`` (no checkpoints)."""
+    return Trainer(problem, optimizer, cfg, on_row, progress=progress).run()
 
 
 def _progress_bar(cfg: RunConfig, progress: bool):

@@ -13,8 +13,10 @@ that already live on the run's device) and counts the work done, so that every m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +126,24 @@ class Problem:
     def epoch(self) -> float:
         """Gradient examples processed / training-set size."""
         return self.counts.gradient / self.n_train
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters, work counts and the mini-batch sampler's position and random state."""
+        return {
+            "theta": self.theta.detach().cpu().clone(),
+            "counts": dataclasses.asdict(self.counts),
+            "generator": self.generator.get_state(),
+            "order": self._order.cpu(),
+            "cursor": self._cursor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.theta.copy_(state["theta"])
+        self.counts = WorkCounter(**state["counts"])
+        self.generator.set_state(state["generator"])
+        self._order = state["order"].to(self.device)
+        self._cursor = state["cursor"]
 
     # ------------------------------------------------------------------ batches
     def batch(self, split: Split, index: Tensor | slice | None = None) -> Batch:

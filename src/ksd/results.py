@@ -65,6 +65,7 @@ class MetricsWriter:
         self.columns += [k for k in row if k not in self.columns]
         atomic_write(self.path, self._write)
 
+
     def _write(self, f: io.IOBase) -> None:
         writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
         writer.writeheader()

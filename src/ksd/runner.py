@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ksd.logging import build_loggers
 from ksd.models import build_model
 from ksd.optim import build_optimizer
 from ksd.problem import Problem
-from ksd.results import plot_convergence, write_json
+from ksd.results import atomic_write, plot_convergence, write_json
 
 log = logging.getLogger("ksd")
 
@@ -112,13 +113,24 @@ def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> 
         raise
     for line in lines:
         log.info(line)
-    loggers = build_loggers(settings, cfg, out_dir)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    resumed = _load_checkpoint(checkpoint_path, cfg)
+    loggers = build_loggers(settings, cfg, out_dir, resumed["rows"] if resumed else ())
     show = progress if progress is not None else settings.run.progress
     if show is None:
         show = sys.stderr.isatty()
-    outcome = engine.train(
-        problem, optimizer, settings.run, lambda row: [lg.log(row) for lg in loggers], progress=show
+    trainer = engine.Trainer(
+        problem,
+        optimizer,
+        settings.run,
+        lambda row: [lg.log(row) for lg in loggers],
+        checkpoint=lambda state: _save_checkpoint(checkpoint_path, state, cfg),
+        progress=show,
     )
+    if resumed:
+        trainer.load_state_dict(resumed)
+        log.info("resumed from %s at step %d", checkpoint_path, resumed["steps"])
+    outcome = trainer.run()
     final = outcome.rows[-1] if outcome.rows else {}
     summary.update(
         status=outcome.status,
@@ -134,6 +146,8 @@ def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> 
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     write_json(out_dir / "summary.json", summary)
+    if outcome.status != "interrupted":
+        checkpoint_path.unlink(missing_ok=True)
     for lg in loggers:
         lg.finish(summary)
     if settings.run.plot and outcome.rows:
@@ -149,7 +163,36 @@ def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> 
         final.get("train_loss", float("nan")),
         f"{final['test_loss']:.4g}" if "test_loss" in final else "n/a",
     )
+    if outcome.signal is not None:  # hand the signal on, e.g. to submitit, which requeues the job
+        signal.raise_signal(outcome.signal)
     return summary
+
+
+def _comparable(cfg: DictConfig) -> dict[str, Any]:
+    """The parts of a configuration a checkpoint must agree on (the budget may be extended)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {k: container.get(k) for k in ("dataset", "model", "optimizer", "seed")}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any], cfg: DictConfig) -> None:
+    state = {**state, "config": _comparable(cfg)}
+    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+
+
+def _load_checkpoint(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint left in ``path`` by an interrupted run of the same configuration, if any."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a checkpoint is written atomically, so this is a foreign or damaged file
+        raise ConfigError(f"cannot read the checkpoint {path} ({err}); delete it to start afresh.") from None
+    if state.get("config") != _comparable(cfg):
+        raise ConfigError(
+            f"{path} belongs to a run with another dataset, model, optimizer or seed; "
+            "use another output directory or delete the checkpoint."
+        )
+    return state
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -20,8 +20,10 @@ class Logger(Protocol):
 class CSVLogger:
     """Writes each evaluation row to ``metrics.csv`` (atomically rewritten)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, previous_rows: list[dict[str, Any]] = ()) -> None:
         self.writer = MetricsWriter(Path(out_dir) / "metrics.csv")
+        for row in previous_rows:  # a resumed run rewrites the rows of its checkpoint first
+            self.writer.append(row)
 
     def log(self, row: dict[str, Any]) -> None:
         self.writer.append(row)
@@ -30,8 +32,10 @@ class CSVLogger:
         pass
 
 
-def build_loggers(settings: Settings, cfg: DictConfig, out_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(out_dir)]
+def build_loggers(
+    settings: Settings, cfg: DictConfig, out_dir: Path, previous_rows: list[dict[str, Any]] = ()
+) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(out_dir, previous_rows)]
     if settings.logger.name == "wandb":
         from ksd.logging.wandb import WandbLogger
 
