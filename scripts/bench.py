@@ -22,7 +22,7 @@ from bench_common import print_rows, resolve_device  # noqa: E402
 
 from ksd.results import atomic_write, write_json  # noqa: E402
 
-TOPICS = ["engine", "curvature", "ksd", "kbfgs", "arcs"]
+TOPICS = ["engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs"]
 
 
 def main() -> None:

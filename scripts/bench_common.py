@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.lru_cache(maxsize=8)
 def mnist_splits(device: torch.device, train_size: int) -> Splits:
     """Real MNIST when $KSD_DATA has it, else uniform random images of the same shape."""
     root = os.environ.get("KSD_DATA")
@@ -37,11 +39,11 @@ def mnist_splits(device: torch.device, train_size: int) -> Splits:
 
 
 def mnist_autoencoder_problem(device: torch.device, train_size: int, seed: int = 0,
-                              activation: str = "sigmoid") -> Problem:
-    """The papers' 784-1000-500-250-30 autoencoder (2.8 M parameters) on MNIST."""
+                              activation: str = "sigmoid", widths: list[int] | None = None) -> Problem:
+    """The papers' 784-1000-500-250-30 autoencoder (2.8 M parameters) on MNIST, or other ``widths``."""
     splits = mnist_splits(device, train_size)
     torch.manual_seed(seed)
-    built = build_model(ModelConfig(activation=activation), splits.spec)
+    built = build_model(ModelConfig(activation=activation, widths=widths), splits.spec)
     return Problem(built.network.to(device), built.loss, splits, autoencoder=True, seed=seed)
 
 
