@@ -126,3 +126,48 @@ def test_cuda_requested_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert_clean_failure(ksd_run(tmp_path, "device=cuda"), "CUDA is not available")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["optimizer=ksd", "optimizer.krylov_dim=0"], "optimizer.krylov_dim"),
+        (["optimizer=lbfgs", "optimizer.history_size=0"], "optimizer.history_size must be >= 1"),
+        (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum must be in [0, 1)"),
+        (["dataset.val_size=-5"], "dataset.val_size must be >= 0"),
+        (["run.max_epochs=null", "run.max_steps=null", "run.max_seconds=null"], "set at least one of"),
+        (["seed=abc"], "seed"),
+    ],
+)
+def test_out_of_range_values(tmp_path, overrides, fragment):
+    result = ksd_run(tmp_path, *overrides)
+    assert_clean_failure(result, fragment)
+    assert_no_partial_results(tmp_path)
+
+
+def test_wrong_format_data_file(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (raw / name).write_bytes(b"this is not an IDX file at all" * 10)
+    result = ksd_run(tmp_path, "dataset=mnist", "model=mlp", data=tmp_path / "data")
+    assert_clean_failure(result, "train-images-idx3-ubyte")
+    assert_no_partial_results(tmp_path)
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [*KSD_RUN, f"hydra.run.dir={blocker}/out", "run.max_steps=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert_clean_failure(result, "cannot write results to", str(blocker))
