@@ -1,0 +1,158 @@
+"""Time of one Krylov Subspace Descent iteration on the MNIST autoencoder, split into its three phases.
+
+The network is the paper's 784-1000-500-250-30 autoencoder (sigmoid units, linear code, mirror decoder;
+2.8 M parameters) on real MNIST when ``KSD_DATA`` points at the data folder, else on random images of the
+same shape. One iteration: gradient on a batch of 10,000 examples, K = 20 Krylov vectors (+ the previous
+step) from Gauss-Newton products on a curvature subset of 2,500, and BFGS over the 21 coefficients on a
+BFGS subset of 2,500 (at most 40 iterations, the default). The optimizer's defaults otherwise (subsets of
+5,000, gradient on all data) make a CPU iteration several times longer.
+
+The phases are timed by wrapping the optimizer's own phase methods, so the total is exactly what
+``step()`` costs; "other" is the rest of the step (drawing the subsets, the update, the orthogonality
+statistic). A warm-up iteration runs first, so the timed one has the previous step in its basis.
+
+    python scripts/bench_ksd.py [--device cpu|cuda] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ksd.data import DataSpec, Split, Splits, load_dataset
+from ksd.losses import build_loss
+from ksd.models.autoencoder import PAPER_WIDTHS, autoencoder
+from ksd.optim.ksd import KrylovSubspaceDescent
+from ksd.problem import Problem
+
+GRADIENT_BATCH = 10_000
+SUBSET = 2_500
+PHASES = ("gradient", "build_basis", "minimize_in_subspace")
+
+
+def mnist_autoencoder(device: torch.device) -> tuple[Problem, str]:
+    """The MNIST autoencoder problem on 10,000 real (or random) training images."""
+    root = os.environ.get("KSD_DATA")
+    if root:
+        splits = load_dataset(
+            "mnist", root, val_size=0, train_size=GRADIENT_BATCH, test_size=10, device=device
+        )
+        data = "real MNIST"
+    else:
+        images = torch.rand(GRADIENT_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
+        empty = Split(images[:0], None)
+        splits = Splits(Split(images, None), empty, empty, DataSpec("mnist", (1, 28, 28), None, "random"))
+        data = "random images (set KSD_DATA for MNIST)"
+    torch.manual_seed(0)
+    model = autoencoder((1, 28, 28), PAPER_WIDTHS["mnist"], "sigmoid").to(device)
+    return Problem(model, build_loss("sigmoid_cross_entropy"), splits, autoencoder=True), data
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(
+    optimizer: KrylovSubspaceDescent, device: torch.device
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Seconds of one ``step()`` per phase (+ "other" and "total") and the step's statistics."""
+    seconds = dict.fromkeys(PHASES, 0.0)
+
+    def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize(device)
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            synchronize(device)
+            seconds[name] += time.perf_counter() - start
+            return result
+
+        return timed
+
+    for name in PHASES:
+        setattr(optimizer, name, wrap(name, getattr(optimizer, name)))
+    synchronize(device)
+    start = time.perf_counter()
+    stats = optimizer.step()
+    synchronize(device)
+    total = time.perf_counter() - start
+    for name in PHASES:
+        delattr(optimizer, name)
+    seconds["other"] = total - sum(seconds.values())
+    seconds["total"] = total
+    return seconds, stats
+
+
+def build(device: torch.device) -> tuple[KrylovSubspaceDescent, str]:
+    problem, data = mnist_autoencoder(device)
+    config = KrylovSubspaceDescent.Config(batch_size=GRADIENT_BATCH, curvature_size=SUBSET, bfgs_size=SUBSET)
+    return KrylovSubspaceDescent(problem, config), data
+
+
+def run(device: str | torch.device = "cpu") -> list[dict]:
+    device = torch.device(device)
+    optimizer, data = build(device)
+    optimizer.step()  # warm-up; gives the timed iteration a previous step
+    seconds, stats = timed_step(optimizer, device)
+    setting = (
+        f"MNIST AE ({optimizer.problem.n_params / 1e6:.2f} M params, {data}), {device.type}, "
+        f"gradient batch {GRADIENT_BATCH}, |C| = |B| = {SUBSET}, K = {optimizer.config.krylov_dim}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    details = {
+        "gradient": f"loss and gradient on {GRADIENT_BATCH} examples",
+        "build_basis": f"preconditioner + {stats['basis_size']} basis vectors + projected curvature "
+        f"({optimizer.config.krylov_dim + 1} Gauss-Newton products on {SUBSET}); "
+        f"max |VVᵀ − I| = {float(stats['orthogonality_error']):.1e}",
+        "minimize_in_subspace": f"{stats['bfgs_iterations']} BFGS iterations, {stats['bfgs_evaluations']} "
+        f"evaluations of f and ∇f on {SUBSET} "
+        f"({seconds['minimize_in_subspace'] / stats['bfgs_evaluations']:.3f} s each)",
+        "other": "subset draw, update θ += Vᵀa, orthogonality statistic",
+        "total": setting,
+    }
+    return [
+        {
+            "name": f"ksd iteration: {name}",
+            "seconds": round(value, 3),
+            "ratio": round(value / seconds["total"], 3),  # share of the iteration
+            "detail": details[name],
+        }
+        for name, value in seconds.items()
+    ]
+
+
+def profile(device: torch.device) -> None:
+    """torch.profiler table of one iteration, by self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    optimizer, _ = build(device)
+    optimizer.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        optimizer.step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of one iteration")
+    args = parser.parse_args()
+    if args.profile:
+        profile(torch.device(args.device))
+        return
+    for row in run(args.device):
+        print(f"{row['name']:<38} {row['seconds']:>8.3f} s  {row['ratio']:>6.1%}  {row['detail']}")
+
+
+if __name__ == "__main__":
+    main()
