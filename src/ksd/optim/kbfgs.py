@@ -80,19 +80,22 @@ def double_damping(
     """
     hy = h_times(y)
     sy, yhy = s.dot(y), y.dot(hy)
-    theta = torch.where(sy < mu1 * yhy, (1 - mu1) * yhy / (yhy - sy), torch.ones_like(sy))
+    theta = torch.where(sy < mu1 * yhy, (1 - mu1) * yhy / (yhy - sy), 1.0)
     s = theta * s + (1 - theta) * hy
     ss, sy = s.dot(s), s.dot(y)
-    theta = torch.where(sy < mu2 * ss, (1 - mu2) * ss / (ss - sy), torch.ones_like(sy))
+    theta = torch.where(sy < mu2 * ss, (1 - mu2) * ss / (ss - sy), 1.0)
     y = theta * y + (1 - theta) * s
     return s, y
 
 
 def accept_pair(s: Tensor, y: Tensor, g: Tensor, threshold: float) -> Tensor:
-    """The authors' skip test as a 0-dim bool tensor: ``sᵀy > threshold · ‖s‖² · ‖g‖`` and all finite."""
+    """The authors' skip test as a 0-dim bool tensor: ``sᵀy > threshold · ‖s‖² · ‖g‖``, all finite.
+
+    A non-finite ``s`` makes ``sᵀs`` (hence the comparison) inf or nan, and a non-finite ``y`` is caught
+    by ``yᵀy``, so three dot products decide it.
+    """
     sy = s.dot(y)
-    finite = torch.isfinite(s).all() & torch.isfinite(y).all()
-    return finite & (sy > 0) & (sy > threshold * s.dot(s) * g.norm())
+    return (sy > 0) & (sy > threshold * s.dot(s) * g.norm()) & torch.isfinite(y.dot(y))
 
 
 def bfgs_inverse_update_(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
@@ -108,8 +111,8 @@ def bfgs_inverse_update_(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -> Ten
     rho = 1 / sy
     u = (0.5 * (rho * rho * yhy + rho)) * s - rho * hy
     accept = accept & torch.isfinite(u).all()
-    u = torch.where(accept, u, torch.zeros_like(u))
-    s = torch.where(accept, s, torch.zeros_like(s))
+    u = torch.where(accept, u, 0.0)
+    s = torch.where(accept, s, 0.0)
     h.addmm_(torch.stack([u, s], 1), torch.stack([s, u], 0))
     return accept
 

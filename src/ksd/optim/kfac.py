@@ -25,6 +25,7 @@ decay 0.9, inverses every 20 steps, momentum 0.9, τ = 1e-5, batch 1000.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,6 +86,13 @@ class KFAC(KroneckerOptimizer):
             G_inv=[],
         )
         self.generator = torch.Generator(device=like.device).manual_seed(problem.generator.initial_seed())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.generator.set_state(state_dict["generator"])
 
     def step(self) -> dict:
         c, st, problem = self.config, self.state, self.problem

@@ -262,7 +262,7 @@ class KroneckerLayers:
             problem.counts.curvature += len(batch)
         point = problem.theta.detach().requires_grad_()
         loss = point.new_zeros(())
-        grad = torch.zeros_like(point) if gradient else None
+        grad = None
         with self._record() as records:
             for chunk in batch.chunks(problem.max_chunk):
                 start = len(records[0].outputs)
@@ -284,7 +284,7 @@ class KroneckerLayers:
                         problem.loss_fn.per_example(out, fake).sum(), pre_activations
                     )
                 if gradient:
-                    grad += grads[0]
+                    grad = grads[0] if grad is None else grad.add_(grads[0])
                 deltas = grads[1:] if gradient else grads
                 for r, z, d in zip(records, pre_activations, deltas):
                     r.outputs[start] = z.detach()

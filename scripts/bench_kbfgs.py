@@ -1,0 +1,121 @@
+"""K-BFGS, K-BFGS(L) and K-FAC against Adam: time of one step and optimizer-state memory.
+
+The problem is the K-BFGS paper's MNIST autoencoder (784-1000-500-250-30 + mirror, ReLU, 2.8 M
+parameters) with mini-batches of 1,000, on real MNIST when ``KSD_DATA`` points at the data folder, else
+on random images of the same shape. Every optimizer starts from the same initialisation; steps are timed
+one by one (device synchronised around each) after warm-up steps and the median is reported. Warm-up
+covers K-BFGS's step 0 (pass over the training data for Ā, explicit inverses) and K-FAC's first
+``inverse_every`` steps (inverses every step); K-FAC's time is the mean over one full inversion period
+(``inverse_every`` steps, one of which refreshes the inverses), i.e. its amortised cost. Memory is the
+bytes of the tensors in each optimizer's ``state_dict`` (Adam: its two moment vectors).
+
+Targets (issue 5, from the paper's claim of near first-order per-iteration cost): K-BFGS ≤ 2.0 and
+K-BFGS(L) ≤ 1.7 times an Adam step.
+
+    python scripts/bench_kbfgs.py [--device cpu|cuda] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import mnist_autoencoder_problem, print_rows, resolve_device, sync
+
+from ksd.optim import optimizer_class
+from ksd.optim.base import Optimizer
+
+BATCH = 1000
+TRAIN_SIZE = 10_000
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def step_times(optimizer: Optimizer, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        optimizer.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def make(name: str, device: torch.device, **overrides: Any) -> Optimizer:
+    problem = mnist_autoencoder_problem(device, TRAIN_SIZE, activation="relu")
+    cls = optimizer_class(name)
+    return cls(problem, cls.Config(batch_size=BATCH, **overrides))
+
+
+def run(device: torch.device, repeats: int = 7) -> list[dict]:
+    cases = [  # (label, optimizer, overrides, target)
+        ("K-BFGS", "kbfgs", {}, 2.0),
+        ("K-BFGS(L)", "kbfgs_l", {}, 1.7),
+        ("K-BFGS, a_update=minibatch", "kbfgs", {"a_update": "minibatch"}, None),
+        ("K-BFGS(L), a_update=minibatch", "kbfgs_l", {"a_update": "minibatch"}, None),
+        ("K-FAC", "kfac", {}, None),
+    ]
+    adam = make("adam", device)
+    adam_time = statistics.median(step_times(adam, device, 2, repeats))
+    adam_bytes = state_bytes(adam.state_dict())
+    rows = []
+    for label, name, overrides, target in cases:
+        opt = make(name, device, **overrides)
+        if name == "kfac":
+            period = opt.config.inverse_every
+            seconds = statistics.mean(step_times(opt, device, period + 1, period))
+            how = f"mean of {period} steps (one inverse refresh)"
+        else:  # K-BFGS(L): warm up until its ring buffers are full (steady-state cost)
+            warmup = getattr(opt.config, "history_size", 1) + 1
+            seconds = statistics.median(step_times(opt, device, warmup, repeats))
+            how = f"median of {repeats} after {warmup} warm-up steps"
+        rows.append(
+            {
+                "name": f"{label} step / Adam step",
+                "ratio": seconds / adam_time,
+                "target": target,
+                "detail": f"{seconds * 1e3:.1f} vs {adam_time * 1e3:.1f} ms ({how}); batch {BATCH}, {device}",
+            }
+        )
+        rows.append(
+            {
+                "name": f"{label} state memory / Adam",
+                "ratio": state_bytes(opt.state_dict()) / adam_bytes,
+                "detail": f"{state_bytes(opt.state_dict()) / 2**20:.1f} MiB vs {adam_bytes / 2**20:.1f} MiB",
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    print_rows(run(resolve_device(args.device), args.repeats))
+
+
+if __name__ == "__main__":
+    main()
