@@ -16,7 +16,12 @@ from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
 from ksd import curvature
-from ksd.curvature import ggn_vector_product, hessian_vector_product, per_example_squared_gradients
+from ksd.curvature import (
+    ggn_operator,
+    ggn_vector_product,
+    hessian_vector_product,
+    per_example_squared_gradients,
+)
 from ksd.data import DataSpec, Split, Splits
 from ksd.losses import build_loss
 from ksd.problem import Problem
@@ -113,6 +118,10 @@ def test_products_equal_dense_matrices(model_name, loss_name):
         torch.testing.assert_close(hessian_vector_product(p, batch, vectors), vectors @ hess.T, **TOL)
         torch.testing.assert_close(ggn_vector_product(p, batch, v), ggn @ v, **TOL)
         torch.testing.assert_close(hessian_vector_product(p, batch, v), hess @ v, **TOL)
+        operator = ggn_operator(p, batch)
+        torch.testing.assert_close(operator(v), ggn @ v, **TOL)
+        torch.testing.assert_close(operator(vectors), vectors @ ggn.T, **TOL)
+        torch.testing.assert_close(operator(v), ggn @ v, **TOL)  # reusable
     # The Gauss-Newton part differs from the Hessian unless the network is linear in θ.
     assert (ggn - hess).abs().max() > 1e-6 * hess.abs().max()
 
@@ -129,13 +138,18 @@ def test_ggn_is_symmetric_positive_semidefinite(loss_name):
     assert problem.n_params > N_EXAMPLES * N_OUT
 
 
-@pytest.mark.parametrize("curvature_product", [ggn_vector_product, hessian_vector_product])
+def operator_product(problem, batch, vectors):
+    return ggn_operator(problem, batch)(vectors)
+
+
+@pytest.mark.parametrize("curvature_product", [ggn_vector_product, hessian_vector_product, operator_product])
 def test_batched_products_equal_loop_and_are_counted(curvature_product):
     problem = make_problem("cnn", "softmax_cross_entropy", max_chunk=4)  # groups of 1 vector per chunk
     vectors = torch.randn(3, problem.n_params, dtype=torch.float64)
     before = problem.counts.curvature
     batched = curvature_product(problem, problem.full_batch, vectors)
-    assert problem.counts.curvature - before == 3 * N_EXAMPLES
+    built = N_EXAMPLES if curvature_product is operator_product else 0  # the operator's set-up
+    assert problem.counts.curvature - before == 3 * N_EXAMPLES + built
     loop = torch.stack([curvature_product(problem, problem.full_batch, v) for v in vectors])
     torch.testing.assert_close(batched, loop, **TOL)
 
@@ -149,6 +163,17 @@ def test_products_at_another_point_leave_parameters_alone():
     assert torch.equal(problem.theta, theta0)
     problem.theta.copy_(other)
     torch.testing.assert_close(moved, ggn_vector_product(problem, problem.full_batch, v), **TOL)
+
+
+def test_operator_keeps_the_point_it_was_built_at():
+    problem = make_problem("mlp-tanh", "squared_error")
+    theta0 = problem.theta.clone()
+    operator = ggn_operator(problem, problem.full_batch)
+    problem.theta.add_(0.1)
+    v = torch.ones_like(theta0)
+    expected = ggn_vector_product(problem, problem.full_batch, v, theta0)
+    torch.testing.assert_close(operator(v), expected, **TOL)
+    assert not torch.allclose(expected, ggn_vector_product(problem, problem.full_batch, v))
 
 
 def squared_gradients_by_loop(problem: Problem) -> torch.Tensor:

@@ -24,19 +24,27 @@ How the products are computed (measured on the MNIST autoencoder, batch 1000, CP
   matrix products per layer), ``H_ℓ J v`` is closed-form, and the pullback of ``z`` alone gives
   ``Jᵀ (H_ℓ J v)`` (two matrix products per layer) — about 5 matrix-product passes against the
   gradient's 3. Alternatives measured and rejected: separate ``jvp`` and ``vjp`` (two forwards,
-  ≈2.1× a gradient), the double-vjp trick (≈2.3×), ``torch.func.linearize`` (re-traces the graph
-  every call, ≈5×).
-* ``H v``: forward-over-reverse, ``jvp(grad(f_B), θ, v)``; double backprop costs the same (≈3× a
-  gradient) and does not batch over vectors.
-* Several vectors ``V`` (shape ``(k, n)``): :func:`torch.func.vmap` over the vectors of the single-vector
-  product, so the primal forward (and, for ``H v``, the gradient) is computed once and the tangents of
-  all vectors go through the network as one larger batch. Vectors are processed in groups so that
-  (vectors × examples) pushed through at once stays within ``problem.max_chunk``.
+  ≈2.1× a gradient), the double-vjp trick (≈2.3×), ``torch.func.linearize`` (traces the graph,
+  ≈5×).
+* Many ``G v`` on one batch at one point (CG in HF, the Krylov recursion in KSD): :func:`ggn_operator`
+  stores the forward and its pullback once and gets ``J v`` as the pullback of the pullback, ≈1.3× a
+  gradient per product after a set-up of ≈1.2× (``linearize`` reused: ≈1.3× per product, but ≈2.6×
+  to set up).
+* ``H v``: double backprop, ``∇_θ (∇f_B(θ)ᵀ v)`` (≈2.7× a gradient for one vector); forward-over-reverse
+  ``jvp(grad(f_B), θ, v)`` measured ≈3.4×. For several vectors the gradient's graph is shared and the
+  second backward is batched (``is_grads_batched``), ≈2.2–2.5× per vector, like ``vmap`` over
+  forward-over-reverse.
+* Several Gauss-Newton products (``V`` of shape ``(k, n)``): :func:`torch.func.vmap` over the vectors
+  of the single-vector product, so the primal forward is computed once and the tangents of all
+  vectors go through the network as one larger batch.
+
+Vectors are processed in groups so that (vectors × examples) pushed through at once stays within
+``problem.max_chunk``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -59,18 +67,31 @@ def ggn_vector_product(
 
     Returns:
         ``G v`` with the shape of ``vectors`` (rows ``G v_j`` for a matrix). Adds ``len(batch)·k`` to
-        ``problem.counts.curvature``.
+        ``problem.counts.curvature``. For many products on the same batch and point, :func:`ggn_operator`
+        is cheaper.
     """
+    point = _point(problem, theta)
+    operators = ((c, _ggn_shared_forward(problem, c, point)) for c in batch.chunks(problem.max_chunk))
+    return _sum_over_chunks(problem, batch, vectors, operators)
 
-    def product(chunk: Batch, point: Tensor, vector: Tensor) -> Tensor:
-        def outputs_and_tangent(p: Tensor) -> tuple[Tensor, Tensor]:
-            return jvp(lambda q: problem.outputs(chunk.inputs, q), (p,), (vector,))
 
-        outputs, pullback, tangent = vjp(outputs_and_tangent, point, has_aux=True)
-        (result,) = pullback(problem.loss_fn.output_hessian_vector_product(outputs, chunk.targets, tangent))
-        return result
+def ggn_operator(problem: Problem, batch: Batch, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """``G`` on ``batch`` at ``theta`` as a reusable operator ``V ↦ G V``; shapes as ``ggn_vector_product``.
 
-    return _batched_product(problem, batch, vectors, theta, product)
+    Built once: the forward pass ``z(θ)`` with its pullback ``u ↦ Jᵀu`` (:func:`torch.func.vjp`), and the
+    pullback *of that pullback*: ``u ↦ Jᵀu`` is linear, so its own vjp is ``v ↦ J v`` (the "double-vjp"
+    trick), which reuses the stored forward. Each product is then ``J v`` (two matrix products per layer)
+    and ``Jᵀ(H_ℓ J v)`` (two more), about 1.3× a gradient against 1.7× for a one-off product; building
+    costs about one gradient (a forward and a backward with graph) and is counted as ``len(batch)``
+    curvature examples, each product as ``len(batch)·k``. Worth it from two products on.
+
+    The operator holds the activations of the whole batch (all chunks) until it is released, and a copy
+    of ``theta``: it stays ``G`` at the point it was built at when the parameters move on.
+    """
+    point = _point(problem, theta).clone()
+    problem.counts.curvature += len(batch)
+    operators = [(c, _ggn_stored_forward(problem, c, point)) for c in batch.chunks(problem.max_chunk)]
+    return lambda vectors: _sum_over_chunks(problem, batch, vectors, operators)
 
 
 def hessian_vector_product(
@@ -78,17 +99,13 @@ def hessian_vector_product(
 ) -> Tensor:
     """Hessian-vector products ``H v = ∇²f_B(θ) v`` of the mean loss on ``batch`` at ``theta``.
 
-    Forward-over-reverse: ``H v = ∂/∂ε ∇f_B(θ + ε v)|₀``. Same shapes and work count as
+    Double backprop, ``H v = ∇_θ (∇f_B(θ)ᵀ v)``: the gradient's graph is built once per chunk and
+    differentiated for each group of vectors (``is_grads_batched``). Same shapes and work count as
     :func:`ggn_vector_product`. ``H`` may be indefinite.
     """
-
-    def product(chunk: Batch, point: Tensor, vector: Tensor) -> Tensor:
-        def loss_sum(p: Tensor) -> Tensor:
-            return problem.loss_fn.per_example(problem.outputs(chunk.inputs, p), chunk.targets).sum()
-
-        return jvp(grad(loss_sum), (point,), (vector,))[1]
-
-    return _batched_product(problem, batch, vectors, theta, product)
+    point = _point(problem, theta)
+    operators = ((c, _hessian_on_chunk(problem, c, point)) for c in batch.chunks(problem.max_chunk))
+    return _sum_over_chunks(problem, batch, vectors, operators)
 
 
 def per_example_squared_gradients(problem: Problem, batch: Batch, theta: Tensor | None = None) -> Tensor:
@@ -124,30 +141,71 @@ def _point(problem: Problem, theta: Tensor | None) -> Tensor:
     return (problem.theta if theta is None else theta).detach()
 
 
-def _batched_product(
-    problem: Problem,
-    batch: Batch,
-    vectors: Tensor,
-    theta: Tensor | None,
-    product: Callable[[Batch, Tensor, Tensor], Tensor],
+#: Maps one vector ``(n,)`` or a group of vectors ``(g, n)`` to its curvature products summed over the
+#: examples of one chunk.
+ChunkOperator = Callable[[Tensor], Tensor]
+
+
+def _sum_over_chunks(
+    problem: Problem, batch: Batch, vectors: Tensor, operators: Iterable[tuple[Batch, ChunkOperator]]
 ) -> Tensor:
-    """Sum ``product(chunk, θ, v)`` (a sum over the chunk's examples) over chunks, divided by ``B``."""
-    point = _point(problem, theta)
-    if vectors.shape[-1] != point.numel() or vectors.dim() not in (1, 2):
-        n = point.numel()
+    """``(1/B) Σ_chunks operator(V)``, in groups of vectors so that vectors × examples ≤ ``max_chunk``."""
+    n = problem.n_params
+    if vectors.dim() not in (1, 2) or vectors.shape[-1] != n:
         raise ValueError(f"vectors must have shape ({n},) or (k, {n}), got {tuple(vectors.shape)}")
     k = 1 if vectors.dim() == 1 else vectors.shape[0]
     problem.counts.curvature += len(batch) * k
     result = torch.zeros_like(vectors)
-    for chunk in batch.chunks(problem.max_chunk):
+    for chunk, operator in operators:
         if vectors.dim() == 1:
-            result += product(chunk, point, vectors)
+            result += operator(vectors)
             continue
         group = max(1, problem.max_chunk // len(chunk))
         for start in range(0, k, group):
-            rows = slice(start, start + group)
-            result[rows] += vmap(lambda v, c=chunk: product(c, point, v))(vectors[rows])
+            result[start : start + group] += operator(vectors[start : start + group])
     return result.div_(len(batch))
+
+
+def _batched(product: Callable[[Tensor], Tensor]) -> ChunkOperator:
+    return lambda vectors: product(vectors) if vectors.dim() == 1 else vmap(product)(vectors)
+
+
+def _ggn_shared_forward(problem: Problem, chunk: Batch, point: Tensor) -> ChunkOperator:
+    """``Σ_{i∈chunk} J_iᵀ H_ℓ,i J_i v``: forward-mode ``J v`` and reverse-mode ``Jᵀ`` sharing one forward."""
+
+    def product(vector: Tensor) -> Tensor:
+        def outputs_and_tangent(p: Tensor) -> tuple[Tensor, Tensor]:
+            return jvp(lambda q: problem.outputs(chunk.inputs, q), (p,), (vector,))
+
+        outputs, pullback, tangent = vjp(outputs_and_tangent, point, has_aux=True)
+        return pullback(problem.loss_fn.output_hessian_vector_product(outputs, chunk.targets, tangent))[0]
+
+    return _batched(product)
+
+
+def _ggn_stored_forward(problem: Problem, chunk: Batch, point: Tensor) -> ChunkOperator:
+    """``Σ_{i∈chunk} J_iᵀ H_ℓ,i J_i v`` from a stored forward: ``J v`` as the pullback of the pullback."""
+    outputs, pullback = vjp(lambda p: problem.outputs(chunk.inputs, p), point)
+    _, tangent_of = vjp(pullback, torch.zeros_like(outputs))
+
+    def product(vector: Tensor) -> Tensor:
+        (tangent,) = tangent_of((vector,))
+        return pullback(problem.loss_fn.output_hessian_vector_product(outputs, chunk.targets, tangent))[0]
+
+    return _batched(product)
+
+
+def _hessian_on_chunk(problem: Problem, chunk: Batch, point: Tensor) -> ChunkOperator:
+    """``Σ_{i∈chunk} ∇²ℓ_i v`` by differentiating the gradient's graph (built here) along ``v``."""
+    leaf = point.detach().requires_grad_()
+    with torch.enable_grad():
+        loss_sum = problem.loss_fn.per_example(problem.outputs(chunk.inputs, leaf), chunk.targets).sum()
+        (gradient,) = torch.autograd.grad(loss_sum, leaf, create_graph=True)
+
+    def products(v: Tensor) -> Tensor:
+        return torch.autograd.grad(gradient, leaf, v, retain_graph=True, is_grads_batched=v.dim() == 2)[0]
+
+    return products
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Linear] | None:

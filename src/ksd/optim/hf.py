@@ -12,7 +12,8 @@ One :meth:`HessianFree.step` is one outer iteration ``k`` (an "epoch" in Martens
    (:func:`ksd.optim.linalg.conjugate_gradient`: at most ``max_cg_iterations``, Martens'
    relative-progress stop with ε = ``cg_tolerance``, bail-out on ``pᵀAp ≤ 0``), started from
    ``ζ p_prev`` (ζ = ``warm_start``), saving the iterates ``i = ⌈5·1.3^j⌉`` and the last;
-   ``G_C`` is the Gauss-Newton matrix of the mean loss on ``C`` (:func:`ksd.curvature.ggn_vector_product`);
+   ``G_C`` is the Gauss-Newton matrix of the mean loss on ``C``, one :func:`ksd.curvature.ggn_operator`
+   per step (the chunk's forward pass is stored once, as in Martens' code, and shared by all products);
 5. CG backtracking (§4.6): ``f`` at the saved iterates from the last backwards while it does not
    increase; ``p`` = the earliest iterate of that non-increasing run;
 6. reduction ratio on the curvature chunk, with the *undamped* quadratic
@@ -58,12 +59,13 @@ Sources: the paper (only its abstract and summaries were at hand) and Martens' p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from ksd.config import require
-from ksd.curvature import ggn_vector_product, per_example_squared_gradients
+from ksd.curvature import ggn_operator, per_example_squared_gradients
 from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
 from ksd.optim.linalg import conjugate_gradient
 from ksd.problem import Batch, Problem
@@ -135,10 +137,11 @@ class HessianFree(Optimizer):
         if not math.isfinite(f0):
             raise Diverged(f"non-finite objective {f0} at HF iteration {st['iteration']}")
         chunk = problem.train_chunk(st["iteration"], c.num_chunks)
+        ggn = ggn_operator(problem, chunk)  # one stored forward on the chunk for all of this step's products
         shift = damping + c.weight_decay
 
         def damped_ggn(v: Tensor) -> Tensor:
-            return ggn_vector_product(problem, chunk, v).add_(v, alpha=shift)
+            return ggn(v).add_(v, alpha=shift)
 
         preconditioner = None
         if c.preconditioner:
@@ -160,7 +163,7 @@ class HessianFree(Optimizer):
             chosen, f_step = chosen - 1, earlier
         step = cg.iterates[chosen]
 
-        rho = self._reduction_ratio(chunk, grad, step)
+        rho = self._reduction_ratio(chunk, ggn, grad, step)
         slope = grad.dot(step).item()
         rate, tries = 1.0, 1
         while f_step > f0 + c.armijo_c * rate * slope:
@@ -188,12 +191,14 @@ class HessianFree(Optimizer):
             "line_search_tries": tries,
         }
 
-    def _reduction_ratio(self, chunk: Batch, grad: Tensor, step: Tensor) -> float:
+    def _reduction_ratio(
+        self, chunk: Batch, ggn: Callable[[Tensor], Tensor], grad: Tensor, step: Tensor
+    ) -> float:
         """``ρ = [f_C(θ+p) − f_C(θ)] / [gᵀp + ½ pᵀ(G_C + τI)p]``, −∞ when ``f_C`` increases."""
         theta, tau = self.problem.theta, self.config.weight_decay
         before, after = self._objective(chunk, theta), self._objective(chunk, theta + step)
         if after > before:
             return -math.inf
-        curvature = ggn_vector_product(self.problem, chunk, step).add_(step, alpha=tau)
+        curvature = ggn(step).add_(step, alpha=tau)
         predicted = (grad.dot(step) + 0.5 * step.dot(curvature)).item()
         return (after - before) / predicted if predicted != 0 else math.nan
