@@ -177,6 +177,10 @@ def validate(cfg: DictConfig) -> Settings:
     """Check the composed configuration against the schemas; raise :class:`ConfigError` if unusable."""
     from ksd.optim import optimizer_class
 
+    try:  # resolve against the whole config first: the node-wise merges below lose the root (${by_scale:..})
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve {err.full_key}: {str(err).splitlines()[0]}") from None
     top_level = {"dataset", "model", "optimizer", "run", "logger", "seed", "device"}
     extra = {k: v for k, v in cfg.items() if k not in top_level}
     require(isinstance(cfg.get("seed"), int), f"seed must be an integer, got {cfg.get('seed')!r}.")

@@ -1,0 +1,1 @@
+"""Hydra sweeper with per-optimizer grids: ``hydra/sweeper=grid`` (the default of ``ksd-run``)."""

@@ -1,0 +1,184 @@
+"""ksd-collect and make figures on synthetic run folders whose selection and averages are known."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ksd.collect import collect, final_rows, main, select, time_to_target
+from ksd.figures import BEGIN, COLORS, END, color, render, seed_band, update_readme
+
+EXPERIMENT = {
+    "name": "toy",
+    "paper": "Toy et al.",
+    "figure": "Fig. 1",
+    "train_metric": "train_loss",
+    "test_metric": "test_loss",
+    "select_on": "val_loss",
+    "target": 5.0,
+    "reported": {"sgd": {"test_loss": 0.9}, "Someone 2006": {"test_loss": 0.5}},
+}
+
+
+def config(optimizer: str, seed: int, **hyper) -> dict:
+    return {
+        "dataset": {"name": "mnist", "root": "/data", "train_size": 100},
+        "model": {"name": "autoencoder", "widths": [16, 4]},
+        "optimizer": {"name": optimizer, "batch_size": 10, **hyper},
+        "run": {"max_seconds": 3, "eval_every": 1},
+        "logger": {"name": "csv"},
+        "seed": seed,
+        "device": "cpu",
+        "scale": "cpu",
+        "experiment": EXPERIMENT,
+    }
+
+
+def write_run(root: Path, name: str, cfg: dict, status: str | None, rows: list[dict] | None) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if status is not None:
+        summary = {"status": status, "reason": "bad value" if status == "failed" else "budget reached"}
+        if status != "failed":
+            summary["config"] = cfg
+        (run / "summary.json").write_text(json.dumps(summary))
+    if rows:
+        pd.DataFrame(rows).to_csv(run / "metrics.csv", index=False)
+    return run
+
+
+def curve(final_val: float, final_test: float, train: tuple[float, ...] = (10.0, 6.0, 4.0)) -> list[dict]:
+    """Three evaluations at 0, 1, 2 s; the final validation and test losses as given."""
+    return [
+        {
+            "step": i,
+            "epoch": 0.5 * i,
+            "wall_time": float(i),
+            "train_loss": loss,
+            "val_loss": final_val + 2 - i,
+            "test_loss": final_test + 2 - i,
+        }
+        for i, loss in enumerate(train)
+    ]
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "multirun" / "toy-cpu"
+    # sgd, lr 0.1: validation losses 1.0 and 2.0 (mean 1.5); lr 0.01: 1.2 and 1.4 (mean 1.3, selected)
+    write_run(root, "sgd_lr0.1_s0", config("sgd", 0, lr=0.1), "completed", curve(1.0, 0.5))
+    write_run(root, "sgd_lr0.1_s1", config("sgd", 1, lr=0.1), "completed", curve(2.0, 0.6))
+    write_run(root, "sgd_lr0.01_s0", config("sgd", 0, lr=0.01), "completed", curve(1.2, 0.7, (10, 4.5, 3)))
+    write_run(root, "sgd_lr0.01_s1", config("sgd", 1, lr=0.01), "completed", curve(1.4, 1.1, (10, 8, 6)))
+    # adam: one seed diverged (NaN at the end), one failed before training, one never finished
+    diverged = curve(1.0, 1.0)
+    diverged[-1].update(train_loss=float("nan"), val_loss=float("nan"), test_loss=float("nan"))
+    write_run(root, "adam_s0", config("adam", 0, lr=0.001), "completed", curve(3.0, 2.0))
+    write_run(root, "adam_s1", config("adam", 1, lr=0.001), "diverged", diverged)
+    write_run(root, "adam_s2", config("adam", 2, lr=0.001), "failed", None)
+    write_run(root, "adam_s3", config("adam", 3, lr=0.001), None, None)
+    return root
+
+
+def test_table_has_a_row_per_evaluation_and_every_failure(sweep):
+    table = collect([sweep.parent])
+    assert table["run"].nunique() == 8
+    assert len(table) == 6 * 3 + 2  # six runs with three evaluations, two without metrics
+    status = final_rows(table).set_index("run")["status"]
+    assert status[str(sweep / "adam_s2")] == "failed"
+    assert status[str(sweep / "adam_s3")] == "incomplete"
+    failed = table[table["run"] == str(sweep / "adam_s2")].iloc[0]
+    assert failed["reason"] == "bad value" and math.isnan(failed["train_loss"])
+    # config columns, from summary.json or (failed, incomplete) from .hydra/config.yaml
+    assert failed["optimizer"] == "adam" and failed["optimizer.lr"] == 0.001 and failed["seed"] == 2
+    assert set(table["experiment"]) == {"toy"} and set(table["scale"]) == {"cpu"}
+    assert set(table["model.widths"]) == {"[16,4]"}
+    # runs that differ only in their seed share a setting; the data folder is not part of it
+    settings = table.groupby("optimizer")["setting"].nunique()
+    assert settings["sgd"] == 2 and settings["adam"] == 1
+    assert "dataset.root" not in table["setting"].iloc[0] and "seed" not in json.loads(
+        table["setting"].iloc[0]
+    )
+
+
+def test_selection_picks_the_best_mean_validation_setting_and_averages_its_seeds(sweep):
+    selection = select(collect([sweep.parent])).set_index("optimizer")
+    sgd = selection.loc["sgd"]
+    assert sgd["tuned"] == "lr=0.01" and sgd["select_on"] == "val_loss"
+    assert sgd["selection_score"] == pytest.approx(1.3)
+    assert sgd["test_loss_mean"] == pytest.approx(np.mean([0.7, 1.1]))
+    assert sgd["test_loss_std"] == pytest.approx(np.std([0.7, 1.1], ddof=1))
+    assert sgd["train_loss_mean"] == pytest.approx(4.5)
+    # time to train_loss <= 5: seed 0 reaches 4.5 at 1 s, seed 1 never (it ends at 6)
+    assert sgd["target_reached"] == 1 and sgd["time_to_target_mean"] == pytest.approx(1.0)
+    adam = selection.loc["adam"]
+    assert (adam["runs"], adam["completed"], adam["diverged"], adam["failed"]) == (4, 1, 1, 2)
+    assert adam["selection_score"] == math.inf  # the diverged seed counts as the worst value
+    assert adam["test_loss_mean"] == pytest.approx(2.0) and math.isnan(adam["test_loss_std"])
+
+
+def test_selection_maximises_accuracy(tmp_path):
+    for i, (lr, acc) in enumerate([(0.1, 0.8), (0.01, 0.9)]):
+        cfg = config("sgd", 0, lr=lr)
+        cfg["experiment"] = {**EXPERIMENT, "select_on": "val_accuracy"}
+        rows = [{"step": 0, "wall_time": 0.0, "train_loss": 1.0, "val_accuracy": acc}]
+        write_run(tmp_path, f"r{i}", cfg, "completed", rows)
+    selection = select(collect([tmp_path]))
+    assert selection["tuned"].tolist() == ["lr=0.01"]
+
+
+def test_time_to_target_is_the_first_time_at_or_below_the_target():
+    table = pd.DataFrame(
+        {"run": ["a"] * 4 + ["b"] * 2, "wall_time": [0, 1, 2, 3, 0, 1], "train_loss": [9, 5, 6, 4, 9, 8]}
+    )
+    times = time_to_target(table, "train_loss", 5.0)
+    assert times["a"] == 1 and math.isnan(times["b"])
+
+
+def test_collect_cli_writes_parquet_csv_and_reports_failures(sweep, tmp_path, capsys):
+    main([str(sweep.parent), "--out", str(tmp_path / "out" / "runs")])
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "adam_s2: bad value" in printed and "incomplete" in printed
+    parquet = pd.read_parquet(tmp_path / "out" / "runs.parquet")
+    csv = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert len(parquet) == len(csv) == 20
+    assert set(pd.read_csv(tmp_path / "out" / "runs_selected.csv")["optimizer"]) == {"adam", "sgd"}
+
+
+def test_seed_band_interpolates_onto_the_common_time_range():
+    a = pd.DataFrame({"wall_time": [0.0, 2.0, 4.0], "train_loss": [4.0, 2.0, 0.0]})
+    b = pd.DataFrame({"wall_time": [0.0, 1.0], "train_loss": [6.0, 4.0]})
+    grid, mean, low, high = seed_band([a, b], "wall_time", "train_loss")
+    assert grid[0] == 0.0 and grid[-1] == 1.0  # up to the shorter run
+    np.testing.assert_allclose(mean, ((4 - grid) + (6 - 2 * grid)) / 2)
+    np.testing.assert_allclose(low, 4 - grid)
+    np.testing.assert_allclose(high, 6 - 2 * grid)
+
+
+def test_figures_and_readme_tables(sweep, tmp_path):
+    table = collect([sweep.parent])
+    written, section = render(table, tmp_path / "figures")
+    assert sorted(p.name for p in written) == ["toy.pdf", "toy.png"]
+    assert all(p.stat().st_size > 5_000 for p in written)
+    assert "| SGD-m | lr=0.01 | 2/2 | 4.5 ± 2.1 | 0.9 ± 0.28 | 1.0 s (1/2) | test loss 0.9 |" in section
+    assert "| Someone 2006 (paper) | — | — | — | 0.5 | — | reported |" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Results\n\nhand-written before\n\n{BEGIN}\nold\n{END}\n\nhand-written after\n")
+    update_readme(readme, section)
+    update_readme(readme, section)
+    text = readme.read_text()
+    assert text.startswith("# Results\n\nhand-written before") and text.endswith("hand-written after\n")
+    assert text.count(BEGIN) == 1 and "old" not in text and "![toy](figures/toy.png)" in text
+
+
+def test_optimizer_colours_are_fixed_and_distinct():
+    assert len(set(COLORS.values())) == len(COLORS)
+    assert color("sgd") == COLORS["sgd"]
+    assert color("my_method") == color("my_method") and color("my_method").startswith("#")

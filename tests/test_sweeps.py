@@ -1,0 +1,251 @@
+"""Experiment configs, the per-optimizer grid sweeper, and real sweeps through every launcher.
+
+The launcher tests run `ksd-run -m` in a subprocess on tiny MNIST autoencoders (5 steps each): the
+basic launcher, joblib, submitit's local executor and a real SLURM (scripts/local_slurm.sh; skipped
+only where `sinfo` is not installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import CONF, REPO, compose_config
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from hydra_plugins.ksd_grid_sweeper.grid_sweeper import grid_jobs
+from ksd.collect import collect, final_rows
+from ksd.config import ConfigError, validate
+from ksd.optim import OPTIMIZERS, available
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("[!_]*.yaml"))
+KSD_RUN = str(Path(sys.executable).with_name("ksd-run"))
+TINY = [
+    "dataset=mnist",
+    "model.widths=[16,4]",
+    "dataset.train_size=200",
+    "dataset.val_size=100",
+    "dataset.test_size=100",
+    "run.max_epochs=null",
+    "run.max_seconds=null",
+    "run.eval_every=5",
+    "run.eval_train_size=100",
+    "run.plot=false",
+]
+#: Seconds a job of the cpu set costs beyond its training budget (data, model, evaluations), measured
+#: on this 2-core machine with the basic launcher (one process per sweep).
+JOB_OVERHEAD_S = 8
+
+
+def sweep_jobs(name: str, scale: str) -> tuple[list[list[str]], object]:
+    """The override list of every job of `ksd-run -m +experiment=NAME scale=SCALE`, and the config."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", [f"+experiment={name}", f"scale={scale}"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
+    return grid_jobs(overrides, sweeper.grids or {}, sweeper.grid_key), cfg
+
+
+def test_by_scale_picks_the_value_of_the_scale():
+    cpu = validate(compose_config("+experiment=kbfgs_mnist", "scale=cpu", "optimizer=sgd"))
+    paper = validate(compose_config("+experiment=kbfgs_mnist", "scale=paper", "optimizer=sgd"))
+    assert (cpu.run.max_seconds, cpu.dataset.train_size, cpu.optimizer.batch_size) == (20, 4000, 500)
+    assert (paper.run.max_seconds, paper.dataset.train_size, paper.optimizer.batch_size) == (500, None, 1000)
+    with pytest.raises(ConfigError, match="scale must be one of cpu, paper"):
+        validate(compose_config("+experiment=kbfgs_mnist", "scale=gpu"))
+
+
+def test_grid_sweeper_runs_each_optimizer_with_its_own_grid():
+    overrides = OverridesParser.create().parse_overrides(
+        ["optimizer=sgd,adam,ksd", "seed=0,1", "run.eval_every=3"]
+    )
+    grids = {"sgd": {"optimizer.lr": "0.01,0.1", "run.eval_every": 7}, "adam": {"optimizer.eps": 1e-4}}
+    jobs = grid_jobs(overrides, grids, "optimizer")
+    expected = [
+        [f"optimizer={opt}", f"seed={seed}", "run.eval_every=3", *extra]
+        for opt, extras in (
+            ("sgd", [["optimizer.lr=0.01"], ["optimizer.lr=0.1"]]),
+            ("adam", [["optimizer.eps=0.0001"]]),
+            ("ksd", [[]]),
+        )
+        for seed in (0, 1)
+        for extra in extras
+    ]
+    # run.eval_every given by the sweep itself is not overridden by the sgd grid
+    assert sorted(jobs) == sorted(expected) and len(jobs) == 8
+
+
+def test_grid_list_values_stay_single_values():
+    overrides = OverridesParser.create().parse_overrides(["optimizer=kbfgs"])
+    jobs = grid_jobs(overrides, {"kbfgs": {"optimizer.lr_decay_epochs": [40, 80]}}, "optimizer")
+    assert jobs == [["optimizer=kbfgs", "optimizer.lr_decay_epochs=[40,80]"]]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_is_a_valid_sweep_at_both_scales(name):
+    for scale in ("cpu", "paper"):
+        jobs, cfg = sweep_jobs(name, scale)
+        assert cfg.experiment.name == name and cfg.experiment.paper and cfg.experiment.figure
+        assert cfg.hydra.sweep.dir == f"multirun/{name}-{scale}"
+        assert cfg.hydra.sweeper.params.seed == "0,1,2"
+        # the same budget for every optimizer: no job changes it
+        assert not [o for job in jobs for o in job if o.startswith(("run.max_seconds", "run.max_epochs"))]
+        by_optimizer: dict[str, list[list[str]]] = {}
+        for job in jobs:
+            by_optimizer.setdefault(next(o[10:] for o in job if o.startswith("optimizer=")), []).append(job)
+        assert set(by_optimizer) <= set(OPTIMIZERS), set(by_optimizer) - set(OPTIMIZERS)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            for optimizer, its_jobs in by_optimizer.items():
+                if optimizer not in available():
+                    continue  # being written; its settings are checked once its module exists
+                job = its_jobs[-1]  # the last point of its grid
+                validate(compose("config", [f"+experiment={name}", f"scale={scale}", *job]))
+
+
+def test_the_cpu_set_fits_in_about_an_hour():
+    total = 0.0
+    for name in EXPERIMENTS:
+        jobs, _ = sweep_jobs(name, "cpu")
+        seconds = compose_config(f"+experiment={name}", "scale=cpu", *jobs[0]).run.max_seconds
+        assert seconds is not None, f"{name}: scale=cpu needs a wall-time budget"
+        total += len(jobs) * (seconds + JOB_OVERHEAD_S)
+    assert total <= 3600, f"the scale=cpu set needs about {total / 60:.0f} minutes"
+
+
+def test_slurm_gpu_launcher_selects_cuda_unless_overridden(monkeypatch):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher.gpus_per_node == 1 and launcher.max_num_timeout > 0
+    assert launcher.additional_parameters.requeue is True
+    assert {"partition", "account", "timeout_min"} <= set(launcher)
+    assert cfg.hydra.job.env_set.KSD_DEVICE == "cuda"
+    monkeypatch.setenv("KSD_DEVICE", "cuda")  # what Hydra sets in the job (hydra.job.env_set)
+    assert compose_config().device == "cuda"
+    assert compose_config("device=cpu").device == "cpu"
+
+
+def run_sweep(tmp_path: Path, data_root: Path, *overrides: str, max_steps: int = 5, timeout: int = 240):
+    """Run `ksd-run -m TINY OVERRIDES` into tmp_path/sweep; returns the sweep dir and the log."""
+    sweep_dir = tmp_path / "sweep"
+    tiny = [*TINY, f"run.max_steps={max_steps}", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "KSD_DATA": str(data_root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [KSD_RUN, "-m", *tiny, *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return sweep_dir, result.stdout + result.stderr
+
+
+def jobs_of(sweep_dir: Path) -> dict[tuple, tuple[Path, dict]]:
+    """Each job's directory and summary, keyed by (optimizer, learning rate, seed) of its config."""
+    found = {}
+    for path in sweep_dir.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        cfg = OmegaConf.load(path.parent / ".hydra" / "config.yaml")
+        found[(cfg.optimizer.name, cfg.optimizer.get("lr"), cfg.seed)] = (path.parent, summary)
+    return found
+
+
+def assert_completed(sweep_dir: Path, expected: set[tuple], steps: int = 5) -> None:
+    found = jobs_of(sweep_dir)
+    assert set(found) == expected, set(found)
+    for key, (job_dir, summary) in found.items():
+        assert summary["status"] == "completed" and summary["steps"] == steps, (key, summary)
+        rows = pd.read_csv(job_dir / "metrics.csv")
+        assert rows["step"].tolist() == [0, steps] and rows["train_loss"].notna().all()
+
+
+def test_basic_sweep_failure_skip_and_collect(tmp_path, data_root):
+    # max_steps kept out of directory names, so that a changed budget lands in the same directory
+    exclude = [
+        *OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname.exclude_keys,
+        "run.max_steps",
+    ]
+    common = [
+        "optimizer=sgd,adam",
+        "hydra.sweeper.grids={sgd:{optimizer.lr:'0.05,-1'}}",
+        "logger=wandb",
+        f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]",
+    ]
+    sweep_dir, _ = run_sweep(tmp_path, data_root, *common)
+    jobs = jobs_of(sweep_dir)
+    bad_dir, bad = jobs.pop(("sgd", -1, 0))
+    assert bad["status"] == "failed" and "optimizer.lr" in bad["reason"]
+    assert set(jobs) == {("sgd", 0.05, 0), ("adam", 0.001, 0)}
+    for job_dir, summary in jobs.values():  # the others ran, each an offline wandb run grouped by sweep
+        assert summary["status"] == "completed" and summary["config"]["logger"]["group"] == "sweep"
+        assert list((job_dir / "wandb").glob("offline-run-*"))
+    status = final_rows(collect([sweep_dir])).set_index("run")["status"]
+    assert status[str(bad_dir)] == "failed" and (status == "completed").sum() == 2
+
+    def mtimes() -> dict:
+        return {key: (d / "summary.json").stat().st_mtime_ns for key, (d, _) in jobs.items()}
+
+    before = mtimes()
+    _, log = run_sweep(tmp_path, data_root, *common)
+    assert log.count("skipped:") == 2 and mtimes() == before  # the failed job ran again, the others not
+    _, log = run_sweep(tmp_path, data_root, *common, max_steps=6)
+    assert log.count("re-running: the configuration differs") == 2 and "skipped:" not in log
+    steps = {key: s["steps"] for key, (_, s) in jobs_of(sweep_dir).items() if key[1] != -1}
+    assert steps == {("sgd", 0.05, 0): 6, ("adam", 0.001, 0): 6}
+
+
+def test_joblib_sweep(tmp_path, data_root):
+    sweep_dir, _ = run_sweep(
+        tmp_path, data_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1"
+    )
+    assert_completed(sweep_dir, {("adam", 0.001, 0), ("adam", 0.001, 1)})
+
+
+def test_submitit_local_sweep(tmp_path, data_root):
+    sweep_dir, _ = run_sweep(
+        tmp_path, data_root, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1"
+    )
+    assert_completed(sweep_dir, {("adam", 0.001, 0), ("adam", 0.001, 1)})
+
+
+def test_slurm_sweep_on_a_real_cluster(tmp_path, data_root):
+    if shutil.which("sinfo") is None:
+        pytest.skip(
+            "SLURM is not installed (`scripts/local_slurm.sh install` and `start` set up a local one)"
+        )
+    check = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and check.stdout.strip(), (
+        f"sinfo finds no running cluster ({check.stderr.strip()}); run `scripts/local_slurm.sh start`"
+    )
+    sweep_dir, _ = run_sweep(
+        tmp_path,
+        data_root,
+        "hydra/launcher=slurm_gpu",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+        "device=cpu",
+        "optimizer=sgd,adam",
+        timeout=300,
+    )
+    assert_completed(sweep_dir, {("sgd", 0.01, 0), ("adam", 0.001, 0)})
+    assert list((sweep_dir / ".submitit").glob("*/*_submission.sh"))
+
+
+def test_local_slurm_script_is_idempotent_about_installing():
+    script = REPO / "scripts" / "local_slurm.sh"
+    assert os.access(script, os.X_OK)
+    if shutil.which("slurmctld") is None:
+        pytest.skip("SLURM is not installed")
+    result = subprocess.run([str(script), "install"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "already installed" in result.stderr
