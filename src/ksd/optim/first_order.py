@@ -79,7 +79,12 @@ class SGD(_TorchOptimizer):
 
 
 class Adam(_TorchOptimizer):
-    """Adam (Kingma & Ba), ``torch.optim.Adam`` with L2 weight decay added to the gradient."""
+    """Adam (Kingma & Ba), ``torch.optim.Adam`` with L2 weight decay added to the gradient.
+
+    ``kbfgs_variant = true``: the Adam of the K-BFGS authors' code (``first_order_methods.py``), whose
+    second moment averages the squared *bias-corrected momentum* ``m̂²`` instead of ``g²``
+    (:class:`KBFGSCodeAdam`); their settings are ``beta2 = 0.9`` and ``eps = 1e-4``.
+    """
 
     @dataclass
     class Config(OptimizerConfig):
@@ -89,6 +94,7 @@ class Adam(_TorchOptimizer):
         beta1: float = 0.9
         beta2: float = 0.999
         eps: float = 1e-8
+        kbfgs_variant: bool = False  # second moment from the bias-corrected momentum (K-BFGS code)
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -99,6 +105,30 @@ class Adam(_TorchOptimizer):
 
     def _make(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         c = self.config
-        return torch.optim.Adam(
-            params, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, weight_decay=c.weight_decay
-        )
+        adam = KBFGSCodeAdam if c.kbfgs_variant else torch.optim.Adam
+        return adam(params, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, weight_decay=c.weight_decay)
+
+
+class KBFGSCodeAdam(torch.optim.Optimizer):
+    """``m ← β₁ m + (1 − β₁) g``, ``m̂ = m/(1 − β₁ᵗ)``, ``v ← β₂ v + (1 − β₂) m̂²``, ``v̂ = v/(1 − β₂ᵗ)``,
+    ``θ ← θ − lr · m̂ / (√v̂ + ε)``; ``g`` includes ``weight_decay · θ`` (K-BFGS code, ``RMSprop_update``)."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            (beta1, beta2), params = group["betas"], [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                t = state["step"]
+                grad = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+                state["m"].lerp_(grad, 1 - beta1)
+                m_hat = state["m"] / (1 - beta1**t)
+                state["v"].mul_(beta2).addcmul_(m_hat, m_hat, value=1 - beta2)
+                denominator = (state["v"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(m_hat, denominator, value=-group["lr"])

@@ -128,10 +128,18 @@ class KroneckerLayer:
         return patches.transpose(1, 2).reshape(-1, self.d_in)  # (N·|T|, C_in·k_h·k_w)
 
     def input_mean(self, record: LayerRecord) -> Tensor:
-        """Mean homogeneous input ``mean_{i,t} ā_it`` (length n_in; last entry 1 with a bias)."""
-        rows = self.input_rows(record)
-        count = sum(r.shape[0] for r in rows)
-        total = sum(r.sum(0) for r in rows) / count
+        """Mean homogeneous input ``mean_{i,t} ā_it`` (length n_in; last entry 1 with a bias).
+
+        Unfolding is linear, so for a conv layer this is the spatial mean of the unfolded *mean input*:
+        no (N·|T| × d_in) patch matrix is formed.
+        """
+        if self.is_conv:
+            count = sum(x.shape[0] for x in record.inputs)
+            mean_input = sum(x.sum(0, keepdim=True) for x in record.inputs) / count
+            total = self._rows(mean_input).mean(0)
+        else:
+            rows = self.input_rows(record)
+            total = sum(r.sum(0) for r in rows) / sum(r.shape[0] for r in rows)
         return torch.cat([total, total.new_ones(1)]) if self.bias_key is not None else total
 
     def input_second_moment(self, record: LayerRecord, examples: int) -> Tensor:
@@ -150,14 +158,27 @@ class KroneckerLayer:
         return moment.div_(examples)
 
     def input_second_moment_action(self, record: LayerRecord, examples: int, v: Tensor) -> Tensor:
-        """``A v = (1/N) Σ_{i,t} ā_it (ā_itᵀ v)`` without forming ``A`` (the 2022 mini-batch action)."""
+        """``A v = (1/N) Σ_{i,t} ā_it (ā_itᵀ v)`` without forming ``A`` (the 2022 mini-batch action).
+
+        For a conv layer ``ā_itᵀ v`` is a convolution of the input with ``v`` as a one-channel kernel and
+        ``Σ_{i,t} ā_it q_it`` the weight gradient of that convolution: no patch matrix is formed.
+        """
         out = v.new_zeros(self.n_in)
-        for r in self.input_rows(record):
-            projection = r @ v[: self.d_in]
-            if self.bias_key is not None:
-                projection.add_(v[self.d_in])
+        weight, bias = v[: self.d_in], (v[self.d_in] if self.bias_key is not None else None)
+        for x in record.inputs:
+            if self.is_conv:
+                m, kernel = self.module, weight.view(1, *self.module.weight.shape[1:])
+                options = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
+                projection = F.conv2d(x, kernel, bias=None if bias is None else bias.view(1), **options)
+                out[: self.d_in] += torch.nn.grad.conv2d_weight(x, kernel.shape, projection, **options).view(
+                    -1
+                )
+            else:
+                rows = x.reshape(-1, self.d_in)
+                projection = rows @ weight if bias is None else torch.addmv(bias, rows, weight, beta=1)
+                out[: self.d_in].addmv_(rows.T, projection)
+            if bias is not None:
                 out[self.d_in] += projection.sum()
-            out[: self.d_in].addmv_(r.T, projection)
         return out.div_(examples)
 
     # ------------------------------------------------------------------ output statistics
