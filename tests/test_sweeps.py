@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -249,3 +250,45 @@ def test_local_slurm_script_is_idempotent_about_installing():
         pytest.skip("SLURM is not installed")
     result = subprocess.run([str(script), "install"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "already installed" in result.stderr
+
+
+@pytest.mark.slow
+def test_slurm_preempted_job_is_requeued_and_resumes_in_its_own_directory(tmp_path, data_root):
+    """USR2 (what SLURM sends before a time limit or on preemption): the run checkpoints, submitit
+    requeues the job, and the requeued job resumes from the checkpoint in the same directory."""
+    if shutil.which("sinfo") is None:
+        pytest.skip(
+            "SLURM is not installed (`scripts/local_slurm.sh install` and `start` set up a local one)"
+        )
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "KSD_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    tiny = [o for o in TINY if not o.startswith(("run.max_seconds", "run.eval_every"))]
+    launcher = [
+        "hydra/launcher=slurm_gpu",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+    ]
+    command = [KSD_RUN, "-m", *tiny, "run.max_seconds=30", "run.eval_every=200", *launcher, "device=cpu"]
+    sweep = subprocess.Popen(
+        [*command, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            not list(sweep_dir.glob("*/metrics.csv"))
+            or len(pd.read_csv(next(sweep_dir.glob("*/metrics.csv")))) < 2
+        ):
+            assert time.monotonic() < deadline, "the job did not start training"
+            time.sleep(1)
+        job_id = next(p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        assert sweep.wait(timeout=400) == 0
+    finally:
+        sweep.kill()
+    (job_dir,) = [p.parent for p in sweep_dir.glob("*/summary.json")]
+    assert json.loads((job_dir / "summary.json").read_text())["status"] == "completed"
+    assert "resumed from" in (job_dir / "cli.log").read_text()
