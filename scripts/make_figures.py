@@ -1,6 +1,6 @@
 """`make figures`: every paper figure and results table from results/runs.parquet (see ksd.figures).
 
-    python scripts/make_figures.py [--results results]
+python scripts/make_figures.py [--results results]
 """
 
 from ksd.figures import main

@@ -182,7 +182,8 @@ def draw(rows: pd.DataFrame, selection: pd.DataFrame, title: str, path: Path) ->
     written = []
     for suffix in (".png", ".pdf"):
         out = path.with_suffix(suffix)
-        fig.savefig(out, dpi=120)
+        # no creation date in the PDF: regenerating unchanged results leaves the files unchanged
+        fig.savefig(out, dpi=120, metadata={"CreationDate": None} if suffix == ".pdf" else None)
         written.append(out)
     plt.close(fig)
     return written

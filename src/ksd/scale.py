@@ -25,7 +25,7 @@ SCALES = ("cpu", "paper")
 def by_scale(cpu: Any, paper: Any, *, _root_: Any) -> Any:
     """``cpu`` or ``paper``, after the root key ``scale``."""
     if "scale" not in _root_:
-        raise ValueError("${by_scale:...} is used in a config without the root key `scale` (conf/config.yaml).")
+        raise ValueError("${by_scale:...} needs the root key `scale` (conf/config.yaml).")
     scale = _root_.scale
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}.")
