@@ -13,9 +13,10 @@ One :meth:`KrylovSubspaceDescent.step` is one outer iteration ``n``:
    ``span{D⁻¹g, (D⁻¹A)D⁻¹g, …, (D⁻¹A)^{K−1}D⁻¹g, d_{n−1}}``,  ``A = G_C + τI`` (Gauss-Newton) or ``H_C + τI``,
 
    built one vector at a time (``v_{k+1} ∝ D⁻¹ A v_k`` orthogonalised against ``v_1 … v_k``, twice), kept
-   as the rows of ONE preallocated ``(K+1) × n`` matrix ``V``. A vector that vanishes after
+   as the rows of ONE preallocated ``(K+1) × n`` matrix ``V``. A vector that vanishes in
    orthogonalisation (relative norm below ``breakdown_tolerance``: the Krylov space is invariant, or
-   the previous step lies in it) ends the recursion early; the method carries on with fewer vectors;
+   the previous step lies in it) cuts the basis before it; the method carries on with fewer vectors
+   (statistics ``basis_size``, ``krylov_breakdown``);
 5. the projected curvature ``Ĥ = V A Vᵀ`` ((K+1)², float64) from the same products: column ``k`` is
    ``V (A v_k)``, so the recursion's ``K − 1`` products are reused and one batched product of the last
    Krylov vector and the previous step completes it (``K + 1`` products in all);
@@ -63,10 +64,17 @@ Searched (``search`` tool): the paper (arxiv-vanity, PMLR, moam.info copies), Vi
 * **BFGS cap.** pbrakel 30 iterations (``maxiter``), climin ``2 × (K+1)``, paper unknown. Chosen: 40
   (ALGORITHMS.md's proposal), plus a stop on relative decrease below ``bfgs_tolerance``.
 * **Orthogonalisation.** pbrakel: one modified Gram-Schmidt pass ("first vector is not that orthogonal to
-  the rest"); climin: one pass. Chosen: classical Gram-Schmidt applied twice, as accurate as modified
-  Gram-Schmidt with re-orthogonalisation and 15× faster here (see :func:`orthogonalize`).
+  the rest"); climin: one pass. Chosen: classical Gram-Schmidt applied twice with float64-accumulated
+  coefficients: as accurate as modified Gram-Schmidt with re-orthogonalisation and much faster here
+  (see :func:`orthogonalize`).
 
-Memory: the ``(K+1) × n`` basis, the previous step, the preconditioner, one trial point and the
+Cost and memory. Per iteration: one gradient on the gradient batch, the per-example squared gradients
+and ``K + 1`` curvature products on ``C``, one forward+backward on ``B`` per BFGS evaluation, ``O(nK²)`` for
+the orthogonalisation. Host synchronisations: two while building the basis (whether vectors vanished
+is read once for the Krylov vectors, once for the previous step) and one per BFGS evaluation (the line
+search needs ``φ`` and ``∇φ``). Norms are accumulated in float64: torch's float32 norm of a few million
+entries is off by ~1e-4 relative, which alone left ``|‖v‖² − 1|`` at ~1e-5. Memory: the
+``(K+1) × n`` basis, the previous step, the preconditioner, one trial point and the
 curvature-product temporaries. The basis is a workspace, rebuilt every iteration, so it is not part of
 :attr:`state` (checkpoints hold only the previous step).
 """
@@ -83,7 +91,7 @@ from torch import Tensor
 from ksd.config import require
 from ksd.curvature import ggn_vector_product, hessian_vector_product, per_example_squared_gradients
 from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
-from ksd.optim.linalg import strong_wolfe
+from ksd.optim.linalg import inner_products, strong_wolfe
 from ksd.problem import Batch, Problem
 
 CURVATURES: dict[str, Callable[..., Tensor]] = {"ggn": ggn_vector_product, "hessian": hessian_vector_product}
@@ -94,13 +102,17 @@ def orthogonalize(vector: Tensor, basis: Tensor) -> Tensor:
 
     Classical Gram-Schmidt applied twice, ``w ← w − Vᵀ(V w)`` (CGS2): the second pass removes what
     rounding left after the first, so the rows stay orthonormal to working precision even when most of
-    ``vector`` lay in their span — the same guarantee as modified Gram-Schmidt with
-    re-orthogonalisation ("twice is enough": Giraud, Langou & Rozložník 2005), but each pass is two
-    matrix-vector products instead of ``2k`` dot products and ``2k`` axpys over the whole vector
-    (20 rows of 2.8 M on the 2-core CPU: 0.09 s against 1.3 s). Returns ``vector``.
+    ``vector`` lay in their span — the guarantee of modified Gram-Schmidt with re-orthogonalisation
+    ("twice is enough": Giraud, Langou & Rozložník 2005), with two matrix products per pass instead of
+    ``2k`` dot products and ``2k`` axpys over the whole vector (20 rows of 2.8 M on the 2-core CPU:
+    0.09 s against 1.3 s). The theorem needs coefficients ``V w`` accurate to a small multiple of the
+    unit roundoff, which a float32 ``V.mv(w)`` over millions of entries is not on the CPU (it left
+    ``|v_iᵀv_j|`` at ~3e-5 on the MNIST autoencoder, whatever the number of passes), so they are
+    accumulated in float64 (:func:`~ksd.optim.linalg.inner_products`). Returns ``vector``.
     """
     for _ in range(2):
-        vector.addmv_(basis.T, basis.mv(vector), alpha=-1)
+        coefficients = inner_products(basis, vector.unsqueeze(0))[:, 0]
+        vector.addmv_(basis.T, coefficients.to(vector.dtype), alpha=-1)
     return vector
 
 
@@ -182,23 +194,27 @@ class KrylovSubspaceDescent(Optimizer):
 
     def build_basis(self, grad: Tensor, batch: Batch) -> Subspace:
         """Fill the rows of :attr:`basis` with the orthonormal preconditioned Krylov basis on ``batch`` and
-        the previous step; return their number and the projected curvature ``V A Vᵀ``."""
+        the previous step; return their number and the projected curvature ``V A Vᵀ``.
+
+        The recursion runs on the device without waiting for the host: whether a vector vanished is read
+        once, after all ``K`` vectors are built (one host synchronisation, plus one for the previous step),
+        and the basis is cut before the first vanished vector. The vectors after it are then wasted work,
+        but a breakdown only happens when the Krylov space is invariant (tiny or degenerate problems).
+        """
         c, V, lower = self.config, self.basis, self.projected
         scale = self._inverse_preconditioner(batch) if c.preconditioner else torch.ones_like(grad)
-        if not self._normalize(torch.mul(grad, scale, out=V[0]), 0):
+        norms = [self._orthonormalize(torch.mul(grad, scale, out=V[0]), 0)]
+        for k in range(1, c.krylov_dim):
+            product = self._curvature(batch, V[k - 1 : k])[0]
+            torch.mv(V[:k], product, out=lower[k - 1, :k])  # v_jᵀ A v_{k−1}, j < k: row k − 1 of Ĥ
+            norms.append(self._orthonormalize(torch.mul(product, scale, out=V[k]), k))
+        size = krylov_size = self._kept(norms)
+        if krylov_size == 0:
             raise Diverged("the preconditioned gradient is zero")
-        size = 1
-        while size < c.krylov_dim:
-            product = self._curvature(batch, V[size - 1 : size])[0]
-            torch.mv(V[:size], product, out=lower[size - 1, :size])  # v_jᵀ A v_k, j ≤ k = size − 1
-            if not self._normalize(torch.mul(product, scale, out=V[size]), size):
-                break
-            size += 1
-        krylov_size = size
-        # The recursion has A v_k for every Krylov vector but the last one, unless it stopped at a breakdown.
+        # The recursion has A v_k for every kept Krylov vector but the last one, unless it broke down.
         pending = [size - 1] if size == c.krylov_dim else []
         previous = self.state["previous_step"]
-        if previous is not None and self._normalize(V[size].copy_(previous), size):
+        if previous is not None and self._kept([self._orthonormalize(V[size].copy_(previous), size)]):
             pending.append(size)
             size += 1
         if pending:  # one batched product for the vectors that have none yet
@@ -258,10 +274,8 @@ class KrylovSubspaceDescent(Optimizer):
         torch.mv(V.T, minimum.coefficients.to(V), out=previous)
         self.problem.theta.add_(previous)
         self.state["iteration"] += 1
-        # max |VVᵀ − I|: off-diagonal entries from the float32 product (accurate to ~1e-8 for unit rows), the
-        # diagonal ‖v‖² − 1 accumulated in float64 (a float32 sum of a few million squares is off by ~1e-5).
-        gram = V @ V.T
-        gram.diagonal().copy_(torch.linalg.vector_norm(V, dim=1, dtype=torch.float64).square() - 1)
+        gram = inner_products(V, V)  # float64 accumulation: a float32 V Vᵀ is off by ~5e-6 on the CPU
+        gram.diagonal().sub_(1)
         return {
             "loss": loss,
             "subspace_loss_before": minimum.loss_before,
@@ -287,23 +301,26 @@ class KrylovSubspaceDescent(Optimizer):
         diagonal.clamp_(min=diagonal.max() * c.preconditioner_floor)
         return diagonal.pow_(-c.preconditioner_exponent)
 
-    def _normalize(self, vector: Tensor, k: int) -> bool:
-        """Orthogonalise row ``k`` of the basis against rows ``0 … k−1`` and scale it to unit norm.
+    def _orthonormalize(self, vector: Tensor, k: int) -> Tensor:
+        """Orthogonalise row ``k`` of the basis against rows ``0 … k−1``; scale it to unit norm (no sync).
 
-        False (the row is then ignored) when it vanishes: its norm after orthogonalisation is at most
-        ``breakdown_tolerance`` times its norm before. One host synchronisation: the algorithm needs the
-        decision.
+        Returns its norms before and after orthogonalisation (float64, shape (2,)) for :meth:`_kept`.
         """
         # float64 accumulation: torch's float32 norm of a few million entries is off by ~1e-4 (relative)
         before = torch.linalg.vector_norm(vector, dtype=torch.float64)
         after = torch.linalg.vector_norm(orthogonalize(vector, self.basis[:k]), dtype=torch.float64)
-        before, after = torch.stack([before, after]).tolist()
-        if not math.isfinite(before):
-            raise Diverged(f"Krylov vector {k + 1} is not finite")
-        if not after > self.config.breakdown_tolerance * before:
-            return False
         vector.div_(after)
-        return True
+        return torch.stack([before, after])
+
+    def _kept(self, norms: list[Tensor]) -> int:
+        """How many rows precede the first one that vanished: whose norm after orthogonalisation is at most
+        ``breakdown_tolerance`` times its norm before (one host synchronisation)."""
+        for k, (before, after) in enumerate(torch.stack(norms).tolist()):
+            if not math.isfinite(before):
+                raise Diverged(f"basis vector {k + 1} is not finite")
+            if not after > self.config.breakdown_tolerance * before:
+                return k
+        return len(norms)
 
     def _initial_inverse_hessian(self, curvature: Tensor) -> Tensor:
         """``Ĥ_floor⁻¹ = U diag(1 / max(|λ|, floor · max|λ|)) Uᵀ`` from ``Ĥ = U diag(λ) Uᵀ``; I when Ĥ = 0."""

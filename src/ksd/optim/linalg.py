@@ -241,3 +241,27 @@ def conjugate_gradient(
         iterates.append(x)
         iterations.append(i)
     return ConjugateGradientResult(iterates, iterations, values, stop)
+
+
+#: Entries per chunk of :func:`inner_products`: short enough that the float32 partial sums are accurate.
+INNER_PRODUCT_CHUNK = 1024
+
+
+def inner_products(rows: Tensor, columns: Tensor) -> Tensor:
+    """``rows @ columns.T`` for ``(a, n)`` and ``(b, n)`` matrices, accumulated in float64: shape ``(a, b)``.
+
+    The float32 products are summed over chunks of :data:`INNER_PRODUCT_CHUNK` entries by one batched
+    matrix product, and the chunks' partial sums are added in float64. Plain float32 products over a
+    few million entries are not accurate enough for orthogonality checks and Gram-Schmidt: MKL's
+    ``sgemv``/``sgemm`` on the CPU were measured off by 5e-6 (Gram matrix of 21 orthonormal vectors of
+    2.8 M) to 5e-4 (coefficients of a vector dominated by one row), relative; this is off by ~5e-8, for
+    about the cost of one float32 Gram matrix. No copies of the inputs.
+    """
+    n = rows.shape[1]
+    count = n // INNER_PRODUCT_CHUNK
+    split = count * INNER_PRODUCT_CHUNK
+    chunks = torch.bmm(
+        rows[:, :split].view(len(rows), count, INNER_PRODUCT_CHUNK).transpose(0, 1),
+        columns[:, :split].view(len(columns), count, INNER_PRODUCT_CHUNK).permute(1, 2, 0),
+    )
+    return chunks.sum(0, dtype=torch.float64) + rows[:, split:].double() @ columns[:, split:].double().T
