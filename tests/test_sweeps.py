@@ -27,7 +27,7 @@ from ksd.collect import collect, final_rows
 from ksd.config import ConfigError, validate
 from ksd.optim import OPTIMIZERS, available
 
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("[!_]*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 KSD_RUN = str(Path(sys.executable).with_name("ksd-run"))
 TINY = [
     "dataset=mnist",
