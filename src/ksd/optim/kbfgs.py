@@ -40,6 +40,11 @@ approximated by ``A ⊗ G``; the optimizer keeps ``H_a ≈ (A + √λ I)⁻¹`` 
    use the homogeneous 1, as the paper's notation and the third-party port do. Any ``u`` gives an
    exact secant pair ``y_a = A_LM s_a``, only the corrected direction differs.)
 
+With a fresh, noisy ``A_batch`` every step the mini-batch action pulls ``H_a`` below the damped
+inverse of the average A in the directions it does not revisit (it acts as extra damping; see
+``tests/test_kbfgs.py::test_minibatch_hessian_action_errs_towards_more_damping``); the stored mode
+tracks the inverse of the moving average within a few per cent.
+
 Skip rule of every BFGS update (``get_BFGS_formula``, ``Kron_LBFGS_append_s_y``): no update when
 ``sᵀy ≤ 10⁻⁴ ‖s‖² ‖ḡ‖`` (ḡ = mean pre-activation gradient δ for ``H_g``, ``u`` for ``H_a``), in
 particular when ``sᵀy ≤ 0``, or when the update is not finite. The comparisons run on the device
