@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import platform
 import sys
 from pathlib import Path
@@ -18,15 +17,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import print_rows, resolve_device  # noqa: E402
+from bench_common import print_rows, resolve_device
 
-from ksd.results import atomic_write, write_json  # noqa: E402
+from ksd.results import atomic_write, write_json
 
 TOPICS = ["engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--only", nargs="*", choices=TOPICS, help="run only these benchmarks")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
@@ -44,15 +45,22 @@ def main() -> None:
         rows += [{"topic": topic, **row} for row in topic_rows]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+    meta = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+    }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     write_json(out / "bench.json", {"meta": meta, "rows": rows})
     lines = ["| topic | measurement | ratio | target | detail |", "|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio']:.3f}" if isinstance(r.get("ratio"), float) else str(r.get("ratio"))
-        lines.append(f"| {r['topic']} | {r['name']} | {ratio} | {r.get('target') or ''} | {r.get('detail', '')} |")
+        lines.append(
+            f"| {r['topic']} | {r['name']} | {ratio} | {r.get('target') or ''} | {r.get('detail', '')} |"
+        )
     atomic_write(out / "bench.md", lambda f: f.write(f"Device: {meta}\n\n" + "\n".join(lines) + "\n"))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 

@@ -16,7 +16,6 @@ its overhead over the two gradient passes, where the O(nm) products with the sto
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -24,30 +23,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from bench_common import mnist_autoencoder_problem, sync
 
-from ksd.data import DataError, DataSpec, Split, Splits, load_dataset
-from ksd.losses import build_loss
-from ksd.models.autoencoder import autoencoder
 from ksd.optim.arcs_lsr1 import ARCsLSR1
 from ksd.optim.first_order import Adam
 from ksd.optim.lbfgs import LBFGS
-from ksd.problem import Problem
 
+TRAIN_SIZE = 10_000
 BATCH = 1000
 MEMORIES = (5, 10, 20, 40)
-
-
-def mnist_splits(device: torch.device) -> tuple[Splits, str]:
-    """Real MNIST from $KSD_DATA, or uniform random images of MNIST's shape."""
-    if os.environ.get("KSD_DATA"):
-        try:
-            return load_dataset("mnist", None, val_size=0, train_size=10_000, device=device), "MNIST"
-        except DataError:
-            pass
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(10_000, 1, 28, 28, generator=g).to(device)
-    return Splits(Split(x, None), Split(x[:0], None), Split(x[:1000], None),
-                  DataSpec("mnist", (1, 28, 28), 10, "random")), "random images"
 
 
 def timed(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -56,12 +40,10 @@ def timed(step: Callable[[], object], device: torch.device, warmup: int, repeats
         step()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -73,12 +55,9 @@ def power_law_exponent(memories: list[int], times: list[float]) -> float:
 def run(device: str | torch.device = "cpu", repeats: int | None = None) -> list[dict]:
     device = torch.device(device)
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    splits, data = mnist_splits(device)
 
-    def problem() -> Problem:
-        torch.manual_seed(0)
-        network = autoencoder((1, 28, 28), [1000, 500, 250, 30], "sigmoid").to(device)
-        return Problem(network, build_loss("sigmoid_cross_entropy"), splits, autoencoder=True, seed=0)
+    def problem():
+        return mnist_autoencoder_problem(device, TRAIN_SIZE)
 
     adam = timed(Adam(problem(), Adam.Config(batch_size=BATCH)).step, device, 3, repeats)
     lbfgs, arcs, pairs = {}, {}, {}
@@ -94,7 +73,8 @@ def run(device: str | torch.device = "cpu", repeats: int | None = None) -> list[
     p = problem()
     batch = p.next_batch(BATCH)
     two_gradients = timed(lambda: (p.loss_and_grad(batch), p.loss_and_grad(batch)), device, 3, repeats)
-    where = f"{device.type}, {data}, {p.n_params:,} parameters, batch {BATCH}, median of {repeats}"
+    where = (f"{device.type}, {p.splits.spec.source}, {p.n_params:,} parameters, batch {BATCH}, "
+             f"median of {repeats}")
     rows = []
     for m in (5, 20):
         rows.append({"name": f"arcs_lsr1 / lbfgs step, m={m}", "ratio": arcs[m] / lbfgs[m],

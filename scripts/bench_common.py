@@ -34,17 +34,37 @@ def mnist_splits(device: torch.device, train_size: int) -> Splits:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(train_size, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (train_size,), generator=g).to(device)
-    return Splits(Split(x, y), Split(x[:0], y[:0]), Split(x[:1000], y[:1000]),
-                  DataSpec("mnist", (1, 28, 28), 10, "random stand-in for MNIST"))
+    return Splits(
+        Split(x, y),
+        Split(x[:0], y[:0]),
+        Split(x[:1000], y[:1000]),
+        DataSpec("mnist", (1, 28, 28), 10, "random stand-in for MNIST"),
+    )
 
 
-def mnist_autoencoder_problem(device: torch.device, train_size: int, seed: int = 0,
-                              activation: str = "sigmoid", widths: list[int] | None = None) -> Problem:
+def mnist_autoencoder_problem(
+    device: torch.device,
+    train_size: int,
+    seed: int = 0,
+    activation: str = "sigmoid",
+    widths: list[int] | None = None,
+) -> Problem:
     """The papers' 784-1000-500-250-30 autoencoder (2.8 M parameters) on MNIST, or other ``widths``."""
     splits = mnist_splits(device, train_size)
     torch.manual_seed(seed)
     built = build_model(ModelConfig(activation=activation, widths=widths), splits.spec)
     return Problem(built.network.to(device), built.loss, splits, autoencoder=True, seed=seed)
+
+
+def state_bytes(obj) -> int:
+    """Bytes of all tensors in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 def print_rows(rows: list[dict]) -> None:

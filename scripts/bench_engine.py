@@ -13,9 +13,9 @@ import statistics
 import time
 
 import torch
+from bench_common import mnist_autoencoder_problem, sync
 from torch import nn
 
-from bench_common import mnist_autoencoder_problem, sync
 from ksd.config import RunConfig
 from ksd.engine import train
 from ksd.optim.first_order import SGD
@@ -45,7 +45,9 @@ def engine_epoch(device: torch.device, train_size: int, batch_size: int, lr: flo
     return train(problem, optimizer, cfg, on_row=lambda row: None).wall_time
 
 
-def run(device: torch.device, train_size: int = 10_000, batch_size: int = 100, repeats: int = 4) -> list[dict]:
+def run(
+    device: torch.device, train_size: int = 10_000, batch_size: int = 100, repeats: int = 4
+) -> list[dict]:
     lr = 0.01
     engine_times, plain_times = [], []
     for r in range(repeats + 1):  # the first round warms up both paths; the order alternates

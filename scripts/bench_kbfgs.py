@@ -38,24 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import mnist_autoencoder_problem, print_rows, resolve_device, sync
+from bench_common import mnist_autoencoder_problem, print_rows, resolve_device, state_bytes, sync
 
 from ksd.optim import optimizer_class
 from ksd.optim.base import Optimizer
 
 BATCH = 1000
 TRAIN_SIZE = 10_000
-
-
-def state_bytes(obj: Any) -> int:
-    """Bytes of all tensors in a (nested) state dict."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(state_bytes(v) for v in obj)
-    return 0
 
 
 def step_times(optimizer: Optimizer, device: torch.device, warmup: int, repeats: int) -> list[float]:

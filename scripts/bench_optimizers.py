@@ -15,8 +15,8 @@ import statistics
 import time
 
 import torch
+from bench_common import mnist_autoencoder_problem, state_bytes, sync
 
-from bench_common import mnist_autoencoder_problem, sync
 from ksd.optim import available, optimizer_class
 from ksd.problem import Problem
 
@@ -65,16 +65,6 @@ def time_steps(optimizer, device: torch.device, steps: int) -> tuple[float, floa
     return statistics.median(times), per_step_epochs
 
 
-def state_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(state_bytes(v) for v in obj)
-    return 0
-
-
 def fitted_exponent(sizes: list[float], times: list[float]) -> float:
     xs, ys = [math.log(s) for s in sizes], [math.log(t) for t in times]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -101,10 +91,20 @@ def run(device: torch.device, steps: int = 3) -> list[dict]:
         if peak is not None:
             detail += f", peak GPU memory {peak:.0f} MiB"
         rows.append({"name": f"{name}: time per step / SGD", "ratio": seconds / sgd_step, "detail": detail})
-        rows.append({"name": f"{name}: time per epoch / SGD", "ratio": per_epoch / (sgd_step / sgd_epochs),
-                     "detail": f"{per_epoch:.2f} s/epoch"})
-        rows.append({"name": f"{name}: state memory / parameters", "ratio": nbytes / param_bytes,
-                     "detail": f"{nbytes / 2**20:.1f} MiB"})
+        rows.append(
+            {
+                "name": f"{name}: time per epoch / SGD",
+                "ratio": per_epoch / (sgd_step / sgd_epochs),
+                "detail": f"{per_epoch:.2f} s/epoch",
+            }
+        )
+        rows.append(
+            {
+                "name": f"{name}: state memory / parameters",
+                "ratio": nbytes / param_bytes,
+                "detail": f"{nbytes / 2**20:.1f} MiB",
+            }
+        )
     rows += scaling(device, names)
     return rows
 
@@ -121,18 +121,35 @@ def scaling(device: torch.device, names: list[str]) -> list[dict]:
         for size in sizes:
             train = size * 10 if full_batch else TRAIN_SIZE
             problem = mnist_autoencoder_problem(device, train)
-            overrides = {"curvature_size": size * 2, "bfgs_size": size * 2} if full_batch else {"batch_size": size}
+            overrides = (
+                {"curvature_size": size * 2, "bfgs_size": size * 2} if full_batch else {"batch_size": size}
+            )
             batch_times.append(time_steps(build(name, problem, **overrides), device, 2)[0])
         width_times = []
         for factor in factors:
-            problem = mnist_autoencoder_problem(device, 2000, widths=[int(w * factor) for w in (1000, 500, 250)] + [30])
-            width_times.append(time_steps(build(name, problem, batch_size=500, curvature_size=500, bfgs_size=500),
-                                          device, 2)[0])
+            problem = mnist_autoencoder_problem(
+                device, 2000, widths=[int(w * factor) for w in (1000, 500, 250)] + [30]
+            )
+            width_times.append(
+                time_steps(
+                    build(name, problem, batch_size=500, curvature_size=500, bfgs_size=500), device, 2
+                )[0]
+            )
         what = "training-set size" if full_batch else "batch size"
-        rows.append({"name": f"{name}: step time exponent in {what}", "ratio": fitted_exponent(sizes, batch_times),
-                     "detail": ", ".join(f"{s}: {t * 1000:.0f} ms" for s, t in zip(sizes, batch_times))})
-        rows.append({"name": f"{name}: step time exponent in layer width", "ratio": fitted_exponent(factors, width_times),
-                     "detail": ", ".join(f"x{f}: {t * 1000:.0f} ms" for f, t in zip(factors, width_times))})
+        rows.append(
+            {
+                "name": f"{name}: step time exponent in {what}",
+                "ratio": fitted_exponent(sizes, batch_times),
+                "detail": ", ".join(f"{s}: {t * 1000:.0f} ms" for s, t in zip(sizes, batch_times)),
+            }
+        )
+        rows.append(
+            {
+                "name": f"{name}: step time exponent in layer width",
+                "ratio": fitted_exponent(factors, width_times),
+                "detail": ", ".join(f"x{f}: {t * 1000:.0f} ms" for f, t in zip(factors, width_times)),
+            }
+        )
     return rows
 
 

@@ -114,7 +114,9 @@ class RunConfig:
             require(value is None or value > 0, f"run.{key} must be positive or null, got {value}.")
         require(self.eval_every >= 1, f"run.eval_every must be >= 1, got {self.eval_every}.")
         require(self.max_chunk >= 1, f"run.max_chunk must be >= 1, got {self.max_chunk}.")
-        require(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}.")
+        require(
+            self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}."
+        )
         require(
             self.eval_train_size is None or self.eval_train_size > 0,
             f"run.eval_train_size must be positive or null, got {self.eval_train_size}.",

@@ -8,9 +8,10 @@
         every run.eval_every steps: evaluate, write a metrics row
     evaluate at the end
 
-A run can be checkpointed (:meth:`Trainer.state_dict`) and resumed exactly; SIGTERM and SIGUSR2 stop it
-at the next step boundary with a checkpoint. Training wall time excludes evaluation and is read with the device synchronised at evaluation
-points only; nothing inside a step forces a host synchronisation. A non-finite loss, or an
+A run can be checkpointed (:meth:`Trainer.state_dict`) and resumed exactly; SIGTERM and SIGUSR2 stop
+it at the next step boundary with a checkpoint. Training wall time excludes evaluation and is read
+with the device synchronised at evaluation points only; nothing inside a step forces a host
+synchronisation. A non-finite loss, or an
 optimizer raising :class:`Diverged`, ends the run with ``status = "diverged"`` and the reason.
 """
 
