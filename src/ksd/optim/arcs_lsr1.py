@@ -91,7 +91,7 @@ from ksd.optim.lsr1 import (
     middle_inverse,
     smallest_generalized_eigenvalue,
 )
-from ksd.problem import Batch, Problem
+from ksd.problem import Problem
 
 
 def cubic_step_length(gradient: Tensor, curvature: Tensor, sigma: float) -> Tensor:
@@ -200,9 +200,6 @@ class ARCsLSR1(Optimizer):
         self._coefficients = torch.from_numpy(memory.row_coefficients(self.eigen)).to(device)
 
     # ------------------------------------------------------------------ one ARC iteration
-    def _loss_and_grad(self, batch: Batch, theta: Tensor) -> tuple[Tensor, Tensor]:
-        return self.regularized(*self.problem.loss_and_grad(batch, theta), theta=theta)
-
     def step(self) -> Stats:
         c, st, theta, memory = self.config, self.state, self.problem.theta, self.memory
         full_batch = c.batch_size is None or c.batch_size >= self.problem.n_train
@@ -210,7 +207,7 @@ class ARCsLSR1(Optimizer):
         if full_batch and st["cached"] is not None:
             loss, grad = st["cached"]
         else:
-            loss, grad = self._loss_and_grad(batch, theta)
+            loss, grad = self.objective_and_grad(batch, theta)
         sigma, gamma = st["sigma"], st["gamma"]
         f64 = torch.float64
         k = len(self.eigen.eigenvalues)
@@ -237,7 +234,7 @@ class ARCsLSR1(Optimizer):
             step += parallel[:, 0]
             curvature_step += gamma * parallel[:, 0] + parallel[:, 1]
 
-        trial_loss, trial_grad = self._loss_and_grad(batch, theta + step)
+        trial_loss, trial_grad = self.objective_and_grad(batch, theta + step)
         grad_diff = trial_grad - grad
         residual = grad_diff - curvature_step
         scalars = torch.stack([

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ksd.config import require
-from ksd.problem import Problem
+from ksd.problem import Batch, Problem
 
 Stats = dict[str, Tensor | float | int]
 
@@ -75,6 +75,11 @@ class Optimizer(ABC):
         theta = self.problem.theta if theta is None else theta
         loss = loss + 0.5 * tau * theta.dot(theta)
         return loss if grad is None else (loss, grad + tau * theta)
+
+    def objective_and_grad(self, batch: Batch, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The regularised objective ``f_B(θ) + τ/2 ‖θ‖²`` on ``batch`` and its gradient, at ``theta``."""
+        theta = self.problem.theta if theta is None else theta
+        return self.regularized(*self.problem.loss_and_grad(batch, theta), theta=theta)
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "state": _to_cpu(self.state)}

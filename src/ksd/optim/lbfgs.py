@@ -22,7 +22,7 @@ import torch
 from ksd.config import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.linalg import strong_wolfe, two_loop_recursion
-from ksd.problem import Batch, Problem
+from ksd.problem import Problem
 
 
 class LBFGS(Optimizer):
@@ -53,9 +53,6 @@ class LBFGS(Optimizer):
         super().__init__(problem, config)
         self.state.update(steps=[], grad_diffs=[], rhos=[], gamma=1.0, iteration=0, cached=None)
 
-    def _loss_and_grad(self, batch: Batch, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.regularized(*self.problem.loss_and_grad(batch, theta), theta=theta)
-
     def step(self) -> Stats:
         c, st, theta = self.config, self.state, self.problem.theta
         full_batch = c.batch_size is None or c.batch_size >= self.problem.n_train
@@ -63,7 +60,7 @@ class LBFGS(Optimizer):
         if full_batch and st["cached"] is not None:
             loss, grad = st["cached"]
         else:
-            loss, grad = self._loss_and_grad(batch, theta)
+            loss, grad = self.objective_and_grad(batch, theta)
         if st["steps"]:
             direction = two_loop_recursion(
                 grad, st["steps"], st["grad_diffs"], st["rhos"], st["gamma"]
@@ -77,7 +74,7 @@ class LBFGS(Optimizer):
         if c.line_search == "strong_wolfe":
 
             def evaluate(step: float) -> tuple[float, torch.Tensor]:
-                f, g = self._loss_and_grad(batch, theta + step * direction)
+                f, g = self.objective_and_grad(batch, theta + step * direction)
                 return f.item(), g
 
             result = strong_wolfe(
@@ -93,7 +90,7 @@ class LBFGS(Optimizer):
             )
             t, new_loss, new_grad, evaluations = result.step, result.loss, result.grad, result.evaluations
         else:
-            new_loss, new_grad = self._loss_and_grad(batch, theta + t * direction)
+            new_loss, new_grad = self.objective_and_grad(batch, theta + t * direction)
             evaluations = 1
         step = direction.mul_(t)
         theta.add_(step)
