@@ -69,12 +69,13 @@ Searched (``search`` tool): the paper (arxiv-vanity, PMLR, moam.info copies), Vi
   (see :func:`orthogonalize`).
 
 Cost and memory. Per iteration: one gradient on the gradient batch, the per-example squared gradients
-and ``K + 1`` curvature products on ``C``, one forward+backward on ``B`` per BFGS evaluation, ``O(nK²)`` for
-the orthogonalisation. Host synchronisations: two while building the basis (whether vectors vanished
-is read once for the Krylov vectors, once for the previous step) and one per BFGS evaluation (the line
-search needs ``φ`` and ``∇φ``). Norms are accumulated in float64: torch's float32 norm of a few million
-entries is off by ~1e-4 relative, which alone left ``|‖v‖² − 1|`` at ~1e-5. Memory: the
-``(K+1) × n`` basis, the previous step, the preconditioner, one trial point and the
+and ``K + 1`` curvature products on ``C``, one forward+backward on ``B`` per BFGS evaluation, ``O(nK²)``
+for the orthogonalisation. Host synchronisations: three while building the basis (whether vectors
+vanished is read once for the Krylov vectors and once for the previous step; ``Ĥ`` is read once) and one
+per BFGS evaluation (the line search needs ``φ`` and ``∇φ``). Reductions over the ``n`` parameters that
+decide orthogonality (norms, Gram-Schmidt coefficients, the ``orthogonality_error`` statistic) are
+accumulated in float64: in float32 on the CPU they are off by 1e-5 to 1e-4 (relative) at n = 2.8 M.
+Memory: the ``(K+1) × n`` basis, the previous step, the preconditioner, one trial point and the
 curvature-product temporaries. The basis is a workspace, rebuilt every iteration, so it is not part of
 :attr:`state` (checkpoints hold only the previous step).
 """
@@ -104,11 +105,12 @@ def orthogonalize(vector: Tensor, basis: Tensor) -> Tensor:
     rounding left after the first, so the rows stay orthonormal to working precision even when most of
     ``vector`` lay in their span — the guarantee of modified Gram-Schmidt with re-orthogonalisation
     ("twice is enough": Giraud, Langou & Rozložník 2005), with two matrix products per pass instead of
-    ``2k`` dot products and ``2k`` axpys over the whole vector (20 rows of 2.8 M on the 2-core CPU:
-    0.09 s against 1.3 s). The theorem needs coefficients ``V w`` accurate to a small multiple of the
-    unit roundoff, which a float32 ``V.mv(w)`` over millions of entries is not on the CPU (it left
-    ``|v_iᵀv_j|`` at ~3e-5 on the MNIST autoencoder, whatever the number of passes), so they are
-    accumulated in float64 (:func:`~ksd.optim.linalg.inner_products`). Returns ``vector``.
+    ``2k`` dot products and ``2k`` axpys over the whole vector (all orthogonalisations of a 21-vector
+    basis of 2.8 M entries on the 2-core CPU: 1.7 s against 7.8 s). The theorem needs coefficients
+    ``V w`` accurate to a small multiple of the unit roundoff, which a float32 ``V.mv(w)`` over millions
+    of entries is not on the CPU (it left ``|v_iᵀv_j|`` at ~3e-5 on the MNIST autoencoder, whatever the
+    number of passes), so they are accumulated in float64 (:func:`~ksd.optim.linalg.inner_products`).
+    Returns ``vector``.
     """
     for _ in range(2):
         coefficients = inner_products(basis, vector.unsqueeze(0))[:, 0]
@@ -197,9 +199,10 @@ class KrylovSubspaceDescent(Optimizer):
         the previous step; return their number and the projected curvature ``V A Vᵀ``.
 
         The recursion runs on the device without waiting for the host: whether a vector vanished is read
-        once, after all ``K`` vectors are built (one host synchronisation, plus one for the previous step),
-        and the basis is cut before the first vanished vector. The vectors after it are then wasted work,
-        but a breakdown only happens when the Krylov space is invariant (tiny or degenerate problems).
+        once, after all ``K`` vectors are built, and the basis is cut before the first vanished vector
+        (the vectors after it are then wasted work, but a breakdown only happens when the Krylov space is
+        invariant: tiny or degenerate problems). Host synchronisations: that one, one for the previous
+        step and one to read ``Ĥ``.
         """
         c, V, lower = self.config, self.basis, self.projected
         scale = self._inverse_preconditioner(batch) if c.preconditioner else torch.ones_like(grad)
