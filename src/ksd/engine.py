@@ -239,8 +239,8 @@ class Trainer:
                     self.stats = self.optimizer.step()
                 except (Diverged, torch.linalg.LinAlgError, FloatingPointError) as err:
                     self.clock.pause()
+                    self._record()  # before the reason: its own non-finite-loss reason must not replace it
                     outcome.status, outcome.reason = "diverged", f"{type(err).__name__}: {err}"
-                    self._record()
                     break
                 if "loss" in self.stats:
                     self.finite &= torch.isfinite(torch.as_tensor(self.stats["loss"], device=problem.device))

@@ -12,6 +12,10 @@ One :meth:`ARCsLSR1.step` is one ARC iteration on one batch (the whole training 
 6. store the pair ``(s, y = ∇f(θ + s) − ∇f(θ))`` — both gradients on the same batch, so ``y`` measures
    curvature, not sampling noise — if it passes the SR1 skip rule; re-choose γ and refactorise.
 
+Faults (docs/faults.md): a non-finite loss or gradient at θ raises :class:`~ksd.optim.base.Diverged`; a
+non-finite ``f(θ + s)`` rejects the step (σ grows); a pair with ``|sᵀ(y − Bs)|`` below the skip rule or a
+non-finite inner product is not stored; the middle matrix is kept well conditioned by dropping old pairs.
+
 **Cubic model** (the regulariser is the shape-changing norm of the paper: a 3-norm on the eigen-coordinates
 ``P_∥ᵀ s``, a 2-norm on the orthogonal complement)::
 
@@ -82,7 +86,7 @@ import torch
 from torch import Tensor
 
 from ksd.config import require
-from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
+from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.lsr1 import (
     CompactEigen,
     PairMemory,
@@ -239,23 +243,25 @@ class ARCsLSR1(Optimizer):
         residual = grad_diff - curvature_step
         scalars = torch.stack([
             loss, trial_loss, model_value, step.dot(step), step.dot(grad_diff), grad_diff.dot(grad_diff),
-            step.dot(residual), residual.dot(residual),
+            step.dot(residual), residual.dot(residual), grad.dot(grad),
         ]).to(f64)
         if len(memory):
             pair_products = memory.products(torch.stack([step, grad_diff], 1))
             scalars = torch.cat([scalars, pair_products.to(f64).flatten()])
         host = scalars.cpu().numpy()  # the one host synchronisation of the step
-        f, f_trial, model_value, ss, sy, yy, sr, rr = host[:8]
-        products = host[8:].reshape(-1, 2) if len(memory) else np.zeros((2 * c.history_size, 2))
+        f, f_trial, model_value, ss, sy, yy, sr, rr, gg = host[:9]
+        products = host[9:].reshape(-1, 2) if len(memory) else np.zeros((2 * c.history_size, 2))
 
-        if not math.isfinite(f):
-            raise Diverged(f"non-finite loss {f} at the current point")
+        self.check_finite("loss or gradient at the current point", f, gg)
         rho = (f - f_trial) / -model_value if model_value < 0 else -math.inf
         accepted = math.isfinite(f_trial) and rho >= c.eta1
         st["sigma"] = next_sigma(sigma, rho, c)
         if accepted:
             theta.add_(step)
-        sr1_defined = math.isfinite(sr) and ss > 0 and abs(sr) >= c.skip_tolerance * math.sqrt(ss * rr)
+        # a pair with a non-finite inner product (the trial point overflowed) would poison the Gram matrix
+        sr1_defined = (
+            np.isfinite(host[3:]).all() and ss > 0 and abs(sr) >= c.skip_tolerance * math.sqrt(ss * rr)
+        )
         if sr1_defined and (accepted or c.store_rejected):
             memory.append(step, grad_diff, products, (ss, sy, yy))
             self._refresh_model()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -80,6 +81,22 @@ class Optimizer(ABC):
         """The regularised objective ``f_B(θ) + τ/2 ‖θ‖²`` on ``batch`` and its gradient, at ``theta``."""
         theta = self.problem.theta if theta is None else theta
         return self.regularized(*self.problem.loss_and_grad(batch, theta), theta=theta)
+
+    @staticmethod
+    def check_finite(what: str, *values: Tensor | float) -> None:
+        """Raise :class:`Diverged` ``"non-finite {what}"`` unless every entry of ``values`` is finite.
+
+        Host floats are checked for free; tensors cost one host synchronisation together, so the
+        optimizers whose step reads host scalars anyway call this at the current point. The others
+        (SGD, Adam, K-FAC, K-BFGS) never wait for the host inside a step: a non-finite loss reaches
+        the engine, which ends the run as diverged at the next evaluation.
+        """
+        finite = all(math.isfinite(v) for v in values if not isinstance(v, Tensor))
+        tensors = [torch.isfinite(v).all() for v in values if isinstance(v, Tensor)]
+        if finite and tensors:
+            finite = bool(torch.stack(tensors).all())
+        if not finite:
+            raise Diverged(f"non-finite {what}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "state": _to_cpu(self.state)}

@@ -23,6 +23,11 @@ One :meth:`HessianFree.step` is one outer iteration ``k`` (an "epoch" in Martens
 8. Levenberg-Marquardt: ``λ ← 3/2 λ`` if ``ρ < 1/4`` (or NaN), ``λ ← 2/3 λ`` if ``ρ > 3/4``;
 9. ``θ ← θ + r p``; the warm start of the next CG run is the *last* CG iterate.
 
+Faults (docs/faults.md): a non-finite objective or gradient at θ raises
+:class:`~ksd.optim.base.Diverged`; CG stops on ``pᵀAp ≤ 0`` (or NaN) and HF goes on with the iterates
+saved so far (the warm start alone when it stops at once); a non-finite objective at a trial point
+counts as +∞ in steps 5–7, so that point is backtracked from or the step rejected.
+
 What the sources say, and what this module chose
 ------------------------------------------------
 Sources: the paper (only its abstract and summaries were at hand) and Martens' public demo code —
@@ -66,7 +71,7 @@ from torch import Tensor
 
 from ksd.config import require
 from ksd.curvature import ggn_operator, per_example_squared_gradients
-from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
+from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.linalg import conjugate_gradient
 from ksd.problem import Batch, Problem
 
@@ -125,17 +130,21 @@ class HessianFree(Optimizer):
         self.state.update(damping=float(self.config.initial_damping), previous_step=None, iteration=0)
 
     def _objective(self, batch: Batch, theta: Tensor) -> float:
-        """``f_batch(θ) + τ/2 ‖θ‖²`` as a float (the comparisons of HF need host scalars)."""
-        return self.regularized(self.problem.loss(batch, theta), theta=theta).item()
+        """``f_batch(θ) + τ/2 ‖θ‖²`` as a float (the comparisons of HF need host scalars).
+
+        A non-finite value is +∞, so a trial point where the network overflows loses every comparison:
+        CG backtracking moves past it, ρ = −∞ raises the damping and the Armijo search shortens the step.
+        """
+        value = self.regularized(self.problem.loss(batch, theta), theta=theta).item()
+        return value if math.isfinite(value) else math.inf
 
     def step(self) -> Stats:
         c, st, problem = self.config, self.state, self.problem
         theta, damping = problem.theta, st["damping"]
         batch = self.next_batch()
         loss, grad = self.regularized(*problem.loss_and_grad(batch), theta=theta)
+        self.check_finite(f"objective or gradient at HF iteration {st['iteration']}", loss, grad)
         f0 = loss.item()
-        if not math.isfinite(f0):
-            raise Diverged(f"non-finite objective {f0} at HF iteration {st['iteration']}")
         chunk = problem.train_chunk(st["iteration"], c.num_chunks)
         ggn = ggn_operator(problem, chunk)  # one stored forward on the chunk for all of this step's products
         shift = damping + c.weight_decay

@@ -11,6 +11,10 @@ One :meth:`LBFGS.step` is one quasi-Newton iteration:
 4. the pair ``s = t d``, ``y = g(θ + s) − g(θ)`` — both gradients on the *same* batch, so in
    mini-batch mode the difference measures curvature rather than sampling noise — is stored when
    ``sᵀy > curvature_eps``.
+
+Faults (docs/faults.md): a non-finite loss or gradient at θ raises :class:`~ksd.optim.base.Diverged`;
+a line search that finds no decrease (non-finite trial points count as +∞) returns ``t = 0``: the step
+is rejected (θ unchanged, ``step_size = 0``, no pair stored).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class LBFGS(Optimizer):
             loss, grad = st["cached"]
         else:
             loss, grad = self.objective_and_grad(batch, theta)
+        self.check_finite(f"loss or gradient at L-BFGS iteration {st['iteration']}", loss, grad)
         if st["steps"]:
             direction = two_loop_recursion(
                 grad, st["steps"], st["grad_diffs"], st["rhos"], st["gamma"]
@@ -100,10 +105,11 @@ class LBFGS(Optimizer):
         return {"loss": loss, "step_size": t, "evaluations": evaluations}
 
     def _remember(self, step: torch.Tensor, grad_diff: torch.Tensor) -> None:
-        """Store the pair if ``sᵀy > curvature_eps`` (keeps H positive definite), dropping the oldest."""
+        """Store the pair if ``sᵀy > curvature_eps`` (keeps H positive definite; a NaN ``sᵀy`` fails the
+        test too), dropping the oldest. A rejected step (``s = 0``) is never stored."""
         st = self.state
         sy = step.dot(grad_diff).item()
-        if sy <= self.config.curvature_eps:
+        if not sy > self.config.curvature_eps:
             return
         if len(st["steps"]) == self.config.history_size:
             for key in ("steps", "grad_diffs", "rhos"):

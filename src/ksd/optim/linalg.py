@@ -41,18 +41,19 @@ def cubic_minimizer(
     bounds: tuple[float, float] | None = None,
 ) -> float:
     """Minimiser of the cubic through ``(x1, f1, f1')`` and ``(x2, f2, f2')`` (Nocedal & Wright eq. 3.59),
-    clipped to ``bounds`` (default: the interval between the points); the midpoint when the cubic has none."""
+    clipped to ``bounds`` (default: the interval between the points); the midpoint when the cubic has none
+    or is not defined (an infinite ``f`` or a NaN slope: bisection)."""
     lo, hi = bounds if bounds is not None else (min(x1, x2), max(x1, x2))
     d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
     disc = d1 * d1 - g1 * g2
-    if disc < 0:
+    if not disc >= 0:  # also NaN
         return (lo + hi) / 2
     d2 = disc**0.5
     if x1 <= x2:
         t = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
     else:
         t = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
-    return min(max(t, lo), hi)
+    return min(max(t, lo), hi) if math.isfinite(t) else (lo + hi) / 2
 
 
 @dataclass
@@ -90,7 +91,9 @@ def strong_wolfe(
     extrapolates by cubic interpolation within ``[t + 0.01 (t − t_prev), 10 t]``; the zoom phase
     interpolates cubically inside the bracket and falls back towards its middle when progress stalls
     (safeguards of Moré–Thuente / minFunc, the same choices as ``torch.optim.LBFGS``, which this
-    reproduces step for step). Returns the best point found if the budget runs out.
+    reproduces step for step). Returns the best point found if the budget runs out — ``t = 0`` when no
+    trial decreased ``f``, which callers treat as a rejected step. A non-finite ``f(t)`` (the model
+    overflowed) counts as ``+∞``: such a point ends the bracketing phase and is never the best.
     """
     slope0 = grad.dot(direction).item()
     scale = direction.abs().max().item()
@@ -98,7 +101,7 @@ def strong_wolfe(
 
     def probe(t: float) -> _Point:
         f, g = evaluate(t)
-        return _Point(t, f, g, g.dot(direction).item())
+        return _Point(t, f if math.isfinite(f) else math.inf, g, g.dot(direction).item())
 
     prev, new = start, probe(step)
     evaluations = 1
