@@ -16,7 +16,8 @@ One :meth:`KrylovSubspaceDescent.step` is one outer iteration ``n``:
    as the rows of ONE preallocated ``(K+1) × n`` matrix ``V``. A vector that vanishes in
    orthogonalisation (relative norm below ``breakdown_tolerance``: the Krylov space is invariant, or
    the previous step lies in it) cuts the basis before it; the method carries on with fewer vectors
-   (statistics ``basis_size``, ``krylov_breakdown``);
+   (statistics ``basis_size``, ``krylov_breakdown``). A zero preconditioned gradient leaves no Krylov
+   vector: the basis is the previous step alone, or empty and the step zero;
 5. the projected curvature ``Ĥ = V A Vᵀ`` ((K+1)², float64) from the same products: column ``k`` is
    ``V (A v_k)``, so the recursion's ``K − 1`` products are reused and one batched product of the last
    Krylov vector and the previous step completes it (``K + 1`` products in all);
@@ -25,6 +26,11 @@ One :meth:`KrylovSubspaceDescent.step` is one outer iteration ``n``:
    strong-Wolfe line search and at most ``bfgs_max_iterations`` iterations (``∇φ = V ∇f_B``, one
    forward+backward on ``B`` per evaluation; the small dense work in float64 on the host);
 7. ``d_n = Vᵀa*``, ``θ ← θ + d_n``. No damping, no learning rate.
+
+Faults (docs/faults.md): a non-finite loss or gradient at θ, a non-finite basis vector or projected
+curvature raise :class:`~ksd.optim.base.Diverged`; the subspace BFGS skips pairs with
+``sᵀy ≤ 10⁻¹⁰ ‖s‖‖y‖`` and stops when its line search finds no decrease (non-finite trial points count
+as +∞), keeping the best point so far.
 
 What the sources say, and what this module chose
 ------------------------------------------------
@@ -201,8 +207,9 @@ class KrylovSubspaceDescent(Optimizer):
         The recursion runs on the device without waiting for the host: whether a vector vanished is read
         once, after all ``K`` vectors are built, and the basis is cut before the first vanished vector
         (the vectors after it are then wasted work, but a breakdown only happens when the Krylov space is
-        invariant: tiny or degenerate problems). Host synchronisations: that one, one for the previous
-        step and one to read ``Ĥ``.
+        invariant: tiny or degenerate problems). A zero preconditioned gradient leaves no Krylov vector:
+        the basis is then the previous step alone, or empty (the step is zero: θ is stationary on the
+        gradient batch). Host synchronisations: that one, one for the previous step and one to read ``Ĥ``.
         """
         c, V, lower = self.config, self.basis, self.projected
         scale = self._inverse_preconditioner(batch) if c.preconditioner else torch.ones_like(grad)
@@ -212,8 +219,6 @@ class KrylovSubspaceDescent(Optimizer):
             torch.mv(V[:k], product, out=lower[k - 1, :k])  # v_jᵀ A v_{k−1}, j < k: row k − 1 of Ĥ
             norms.append(self._orthonormalize(torch.mul(product, scale, out=V[k]), k))
         size = krylov_size = self._kept(norms)
-        if krylov_size == 0:
-            raise Diverged("the preconditioned gradient is zero")
         # The recursion has A v_k for every kept Krylov vector but the last one, unless it broke down.
         pending = [size - 1] if size == c.krylov_dim else []
         previous = self.state["previous_step"]
@@ -223,6 +228,8 @@ class KrylovSubspaceDescent(Optimizer):
         if pending:  # one batched product for the vectors that have none yet
             lower[pending, :size] = self._curvature(batch, V[pending]) @ V[:size].T
         curvature = lower[:size, :size].to("cpu", torch.float64).tril()
+        if not torch.isfinite(curvature).all():
+            raise Diverged("non-finite projected curvature V A Vᵀ (a curvature product overflowed)")
         return Subspace(size, krylov_size, curvature + curvature.tril(-1).T)
 
     def minimize_in_subspace(self, subspace: Subspace, batch: Batch) -> SubspaceMinimum:
@@ -265,8 +272,7 @@ class KrylovSubspaceDescent(Optimizer):
 
     def step(self) -> Stats:
         loss, grad = self.gradient()
-        if not torch.isfinite(loss):
-            raise Diverged(f"loss is {loss.item()}")
+        self.check_finite(f"loss or gradient at KSD iteration {self.state['iteration']}", loss, grad)
         curvature_batch, bfgs_batch = self.problem.random_batches(self.curvature_size, self.bfgs_size)
         subspace = self.build_basis(grad, curvature_batch)
         minimum = self.minimize_in_subspace(subspace, bfgs_batch)
@@ -287,7 +293,7 @@ class KrylovSubspaceDescent(Optimizer):
             "bfgs_evaluations": minimum.evaluations,
             "basis_size": subspace.size,
             "krylov_breakdown": int(subspace.krylov_size < self.config.krylov_dim),
-            "orthogonality_error": gram.abs().max(),
+            "orthogonality_error": gram.abs().max() if subspace.size else 0.0,
         }
 
     # ------------------------------------------------------------------ pieces
@@ -298,11 +304,15 @@ class KrylovSubspaceDescent(Optimizer):
         return products if tau == 0 else products.add_(vectors, alpha=tau)
 
     def _inverse_preconditioner(self, batch: Batch) -> Tensor:
-        """``D⁻¹ = (max(F/|C| + τ, floor · max))^{−α}`` with ``F = Σ_{i∈C} (∇ℓ_i)²`` (Martens 2010, §4.7)."""
+        """``D⁻¹ = (max(F/|C| + τ, floor · max))^{−α}`` with ``F = Σ_{i∈C} (∇ℓ_i)²`` (Martens 2010, §4.7).
+
+        ``D = I`` when the diagonal vanishes (τ = 0 and every example of ``C`` has a zero gradient): it
+        then carries no scale, and ``0^{−α}`` would put infinities into the basis.
+        """
         c = self.config
         diagonal = per_example_squared_gradients(self.problem, batch).div_(len(batch)).add_(c.weight_decay)
         diagonal.clamp_(min=diagonal.max() * c.preconditioner_floor)
-        return diagonal.pow_(-c.preconditioner_exponent)
+        return diagonal.masked_fill_(diagonal == 0, 1.0).pow_(-c.preconditioner_exponent)
 
     def _orthonormalize(self, vector: Tensor, k: int) -> Tensor:
         """Orthogonalise row ``k`` of the basis against rows ``0 … k−1``; scale it to unit norm (no sync).
@@ -320,16 +330,17 @@ class KrylovSubspaceDescent(Optimizer):
         ``breakdown_tolerance`` times its norm before (one host synchronisation)."""
         for k, (before, after) in enumerate(torch.stack(norms).tolist()):
             if not math.isfinite(before):
-                raise Diverged(f"basis vector {k + 1} is not finite")
+                raise Diverged("non-finite basis vector (a curvature product or the previous step)")
             if not after > self.config.breakdown_tolerance * before:
                 return k
         return len(norms)
 
     def _initial_inverse_hessian(self, curvature: Tensor) -> Tensor:
-        """``Ĥ_floor⁻¹ = U diag(1 / max(|λ|, floor · max|λ|)) Uᵀ`` from ``Ĥ = U diag(λ) Uᵀ``; I when Ĥ = 0."""
+        """``Ĥ_floor⁻¹ = U diag(1 / max(|λ|, floor · max|λ|)) Uᵀ`` from ``Ĥ = U diag(λ) Uᵀ``; I when Ĥ = 0
+        (or the basis is empty)."""
         eigenvalues, eigenvectors = torch.linalg.eigh(curvature)
         magnitudes = eigenvalues.abs()
-        largest = magnitudes.max()
+        largest = magnitudes.max() if len(magnitudes) else 0.0
         if not largest > 0:
             return torch.eye(curvature.shape[0], dtype=torch.float64)
         magnitudes.clamp_(min=largest * self.config.curvature_floor)
