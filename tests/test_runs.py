@@ -106,13 +106,15 @@ def test_default_curves_autoencoder_run(tmp_path, monkeypatch, data_root):
         tmp_path,
         monkeypatch,
         data_root,
-        "run.max_steps=30",
-        "run.eval_every=10",
+        "run.max_steps=3",
+        "run.eval_every=1",
         "dataset.train_size=3000",
         "dataset.test_size=1000",
     )
     assert summary["dataset"] == "curves" and "generated" in summary["data_source"].lower()
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert summary["optimizer"] == "ksd"  # the default run of `make run`
+    # KSD's first three iterations take the loss far below its starting value
+    assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
 
 
 def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch, data_root):
