@@ -13,8 +13,8 @@ One :meth:`ARCsLSR1.step` is one ARC iteration on one batch (the whole training 
    curvature, not sampling noise — if it passes the SR1 skip rule; re-choose γ and refactorise.
 
 Faults (docs/faults.md): a non-finite loss or gradient at θ raises :class:`~ksd.optim.base.Diverged`; a
-non-finite ``f(θ + s)`` rejects the step (σ grows); a pair with ``|sᵀ(y − Bs)|`` below the skip rule or a
-non-finite inner product is not stored; the middle matrix is kept well conditioned by dropping old pairs.
+non-finite ``f(θ + s)`` rejects the step (σ grows); a pair whose ``|sᵀ(y − Bs)|`` fails the skip rule
+(NaN included) is not stored; the middle matrix is kept well conditioned by dropping old pairs.
 
 **Cubic model** (the regulariser is the shape-changing norm of the paper: a 3-norm on the eigen-coordinates
 ``P_∥ᵀ s``, a 2-norm on the orthogonal complement)::
@@ -258,10 +258,7 @@ class ARCsLSR1(Optimizer):
         st["sigma"] = next_sigma(sigma, rho, c)
         if accepted:
             theta.add_(step)
-        # a pair with a non-finite inner product (the trial point overflowed) would poison the Gram matrix
-        sr1_defined = (
-            np.isfinite(host[3:]).all() and ss > 0 and abs(sr) >= c.skip_tolerance * math.sqrt(ss * rr)
-        )
+        sr1_defined = math.isfinite(sr) and ss > 0 and abs(sr) >= c.skip_tolerance * math.sqrt(ss * rr)
         if sr1_defined and (accepted or c.store_rejected):
             memory.append(step, grad_diff, products, (ss, sy, yy))
             self._refresh_model()

@@ -143,7 +143,7 @@ class HessianFree(Optimizer):
         theta, damping = problem.theta, st["damping"]
         batch = self.next_batch()
         loss, grad = self.regularized(*problem.loss_and_grad(batch), theta=theta)
-        self.check_finite(f"objective or gradient at HF iteration {st['iteration']}", loss, grad)
+        self.check_finite(f"loss or gradient at HF iteration {st['iteration']}", loss, grad)
         f0 = loss.item()
         chunk = problem.train_chunk(st["iteration"], c.num_chunks)
         ggn = ggn_operator(problem, chunk)  # one stored forward on the chunk for all of this step's products
