@@ -97,6 +97,7 @@ class RunConfig:
     max_steps: int | None = None  # stop after this many optimizer steps
     max_seconds: float | None = None  # stop after this much training wall time (evaluation excluded)
     eval_every: int = 50  # evaluate every N steps (and always at the start and the end)
+    eval_seconds: float | None = None  # also evaluate once this much training time passed since the last row
     eval_train_size: int | None = 10_000  # examples of the training set for train_loss (None: all)
     max_chunk: int = 10_000  # largest number of examples pushed through the network at once
     progress: bool | None = None  # progress bar; None: only when stderr is a terminal
@@ -113,6 +114,10 @@ class RunConfig:
             value = getattr(self, key)
             require(value is None or value > 0, f"run.{key} must be positive or null, got {value}.")
         require(self.eval_every >= 1, f"run.eval_every must be >= 1, got {self.eval_every}.")
+        require(
+            self.eval_seconds is None or self.eval_seconds > 0,
+            f"run.eval_seconds must be positive or null, got {self.eval_seconds}.",
+        )
         require(self.max_chunk >= 1, f"run.max_chunk must be >= 1, got {self.max_chunk}.")
         require(
             self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}."

@@ -211,6 +211,14 @@ class Trainer:
             self.checkpoint(self.state_dict())
         return True
 
+    def _evaluation_due(self) -> bool:
+        """Every ``eval_every`` steps, or once ``eval_seconds`` of training time passed since the last row."""
+        cfg = self.cfg
+        if self.outcome.steps % cfg.eval_every == 0:
+            return True
+        last = self.outcome.rows[-1]["wall_time"] if self.outcome.rows else 0.0
+        return cfg.eval_seconds is not None and self.clock.now() - last >= cfg.eval_seconds
+
     def _budget_left(self) -> bool:
         cfg, problem = self.cfg, self.problem
         return not (
@@ -249,7 +257,7 @@ class Trainer:
                     self.bar.update(
                         _progress_units(self.cfg, problem, self.clock, outcome.steps) - self.bar.n
                     )
-                if outcome.steps % self.cfg.eval_every == 0:
+                if self._evaluation_due():
                     self.clock.pause()
                     ok = self._record()
                     self.clock.start()
