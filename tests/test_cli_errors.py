@@ -133,6 +133,8 @@ def test_cuda_requested_without_cuda(tmp_path):
     [
         (["optimizer=ksd", "optimizer.krylov_dim=0"], "optimizer.krylov_dim"),
         (["optimizer=lbfgs", "optimizer.history_size=0"], "optimizer.history_size must be >= 1"),
+        (["optimizer=arcs_lsr1", "optimizer.history_size=0"], "optimizer.history_size"),
+        (["optimizer=kbfgs_l", "optimizer.history_size=0"], "optimizer.history_size"),
         (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum must be in [0, 1)"),
         (["dataset.val_size=-5"], "dataset.val_size must be >= 0"),
         (["run.max_epochs=null", "run.max_steps=null", "run.max_seconds=null"], "set at least one of"),
