@@ -255,22 +255,24 @@ def test_local_slurm_script_is_idempotent_about_installing():
 @pytest.mark.slow
 def test_slurm_preempted_job_is_requeued_and_resumes_in_its_own_directory(tmp_path, data_root):
     """USR2 (what SLURM sends before a time limit or on preemption): the run checkpoints, submitit
-    requeues the job, and the requeued job resumes from the checkpoint in the same directory."""
+    requeues the job, the requeued job resumes from the checkpoint in the same directory, and it ends
+    with exactly the metrics of an uninterrupted run of the same command."""
     if shutil.which("sinfo") is None:
         pytest.skip(
             "SLURM is not installed (`scripts/local_slurm.sh install` and `start` set up a local one)"
         )
-    sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "KSD_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    # a step budget and step-based evaluation only, so that both runs are deterministic
     tiny = [o for o in TINY if not o.startswith(("run.max_seconds", "run.eval_every"))]
+    overrides = [*tiny, "optimizer=sgd", "run.max_steps=3000", "run.eval_every=200", "run.eval_seconds=null"]
     launcher = [
         "hydra/launcher=slurm_gpu",
         "hydra.launcher.gpus_per_node=0",
         "hydra.launcher.cpus_per_task=1",
     ]
-    command = [KSD_RUN, "-m", *tiny, "run.max_seconds=30", "run.eval_every=200", *launcher, "device=cpu"]
+    sweep_dir = tmp_path / "sweep"
     sweep = subprocess.Popen(
-        [*command, f"hydra.sweep.dir={sweep_dir}"],
+        [KSD_RUN, "-m", *overrides, *launcher, "device=cpu", f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -283,7 +285,7 @@ def test_slurm_preempted_job_is_requeued_and_resumes_in_its_own_directory(tmp_pa
             or len(pd.read_csv(next(sweep_dir.glob("*/metrics.csv")))) < 2
         ):
             assert time.monotonic() < deadline, "the job did not start training"
-            time.sleep(1)
+            time.sleep(0.2)
         job_id = next(p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
         assert sweep.wait(timeout=400) == 0
@@ -292,3 +294,9 @@ def test_slurm_preempted_job_is_requeued_and_resumes_in_its_own_directory(tmp_pa
     (job_dir,) = [p.parent for p in sweep_dir.glob("*/summary.json")]
     assert json.loads((job_dir / "summary.json").read_text())["status"] == "completed"
     assert "resumed from" in (job_dir / "cli.log").read_text()
+    reference_dir = tmp_path / "reference"
+    subprocess.run([KSD_RUN, *overrides, "device=cpu", f"hydra.run.dir={reference_dir}"], cwd=tmp_path,
+                   env=env, check=True, capture_output=True, timeout=400)
+    resumed = pd.read_csv(job_dir / "metrics.csv").drop(columns="wall_time")
+    reference = pd.read_csv(reference_dir / "metrics.csv").drop(columns="wall_time")
+    pd.testing.assert_frame_equal(resumed, reference, check_exact=True)
