@@ -208,14 +208,19 @@ def test_basic_sweep_failure_skip_and_collect(tmp_path, data_root):
 
 def test_joblib_sweep(tmp_path, data_root):
     sweep_dir, _ = run_sweep(
-        tmp_path, data_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1"
+        tmp_path, data_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=adam", "seed=0,1"
     )
     assert_completed(sweep_dir, {("adam", 0.001, 0), ("adam", 0.001, 1)})
 
 
 def test_submitit_local_sweep(tmp_path, data_root):
     sweep_dir, _ = run_sweep(
-        tmp_path, data_root, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=0,1"
+        tmp_path,
+        data_root,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "optimizer=adam",
+        "seed=0,1",
     )
     assert_completed(sweep_dir, {("adam", 0.001, 0), ("adam", 0.001, 1)})
 
