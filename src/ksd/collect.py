@@ -56,6 +56,7 @@ NOT_RESULT = (
     "run.max_chunk",
     "run.checkpoint_every",
     "run.eval_every",
+    "run.eval_seconds",
     "run.eval_train_size",
 )
 #: Final metrics reported for a selected setting (those present in the table).
