@@ -206,12 +206,7 @@ class ARCsLSR1(Optimizer):
     # ------------------------------------------------------------------ one ARC iteration
     def step(self) -> Stats:
         c, st, theta, memory = self.config, self.state, self.problem.theta, self.memory
-        full_batch = c.batch_size is None or c.batch_size >= self.problem.n_train
-        batch = self.next_batch()
-        if full_batch and st["cached"] is not None:
-            loss, grad = st["cached"]
-        else:
-            loss, grad = self.objective_and_grad(batch, theta)
+        batch, loss, grad, full_batch = self.batch_and_gradient()
         sigma, gamma = st["sigma"], st["gamma"]
         f64 = torch.float64
         k = len(self.eigen.eigenvalues)

@@ -98,6 +98,21 @@ class Optimizer(ABC):
         if not finite:
             raise Diverged(f"non-finite {what}")
 
+    def batch_and_gradient(self) -> tuple[Batch, Tensor, Tensor, bool]:
+        """The step's batch, the objective and its gradient at θ on it, and whether it is the full batch.
+
+        Full-batch methods that evaluated their accepted point at the end of the previous step keep
+        ``(loss, grad)`` in ``state["cached"]``; it is reused instead of being computed again.
+        """
+        c = self.config
+        full_batch = c.batch_size is None or c.batch_size >= self.problem.n_train
+        batch = self.next_batch()
+        if full_batch and self.state.get("cached") is not None:
+            loss, grad = self.state["cached"]
+        else:
+            loss, grad = self.objective_and_grad(batch)
+        return batch, loss, grad, full_batch
+
     def state_dict(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "state": _to_cpu(self.state)}
 

@@ -59,12 +59,7 @@ class LBFGS(Optimizer):
 
     def step(self) -> Stats:
         c, st, theta = self.config, self.state, self.problem.theta
-        full_batch = c.batch_size is None or c.batch_size >= self.problem.n_train
-        batch = self.next_batch()
-        if full_batch and st["cached"] is not None:
-            loss, grad = st["cached"]
-        else:
-            loss, grad = self.objective_and_grad(batch, theta)
+        batch, loss, grad, full_batch = self.batch_and_gradient()
         self.check_finite(f"loss or gradient at L-BFGS iteration {st['iteration']}", loss, grad)
         if st["steps"]:
             direction = two_loop_recursion(
