@@ -191,6 +191,7 @@ def test_reduces_the_training_loss_far_more_per_epoch_than_sgd(mnist):
 
 def test_config_lists_every_field_and_refuses_bad_values():
     listed = yaml.safe_load((CONF / "optimizer" / "ksd.yaml").read_text())
+    assert {"/init@_global_": "sparse"} in listed.pop("defaults")  # Martens' sparse init by default
     assert set(listed) == {f.name for f in dataclasses.fields(Config)}
     assert Config(**listed) == Config()
     with pytest.raises(ConfigError, match="curvature"):
