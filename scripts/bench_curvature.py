@@ -9,7 +9,10 @@ under the same load on a shared machine.
 * one Gauss-Newton-vector product ``G v`` / one gradient (``problem.loss_and_grad``) — target ≤ 1.8;
 * one product of a ``ggn_operator`` built beforehand (HF's CG, many products at one point), and the
   cost of building it;
-* one Hessian-vector product ``H v`` / one gradient;
+* one Hessian-vector product ``H v`` / one gradient, and one product of a ``hessian_operator`` built
+  beforehand (KSD with ``curvature: hessian``);
+* the one-off ``G v`` and ``H v`` with ``run.compile_curvature`` (``torch.compile``; the detail gives the
+  seconds of the first, compiling call), against the same gradient;
 * ``G V`` for ``K`` vectors at once (``vmap``), per vector / one gradient;
 * the per-example squared gradients ``Σ_i (∇ℓ_i)²`` / one gradient.
 
@@ -29,6 +32,7 @@ from bench_common import mnist_autoencoder_problem, print_rows, resolve_device, 
 from ksd.curvature import (
     ggn_operator,
     ggn_vector_product,
+    hessian_operator,
     hessian_vector_product,
     per_example_squared_gradients,
 )
@@ -58,6 +62,13 @@ def run(device: str | torch.device = "cpu") -> list[dict]:
         return problem.loss_and_grad(batch)
 
     operator = ggn_operator(problem, batch)
+    hessian = hessian_operator(problem, batch)
+    compiled = mnist_autoencoder_problem(device, BATCH)  # same model and data, products compiled
+    compiled.compile_curvature = True
+    compiling = {
+        "G v": seconds(lambda: ggn_vector_product(compiled, batch, vector), device),
+        "H v": seconds(lambda: hessian_vector_product(compiled, batch, vector), device),
+    }
 
     measurements = [  # name, call, number of products in one call, target ratio
         ("Gauss-Newton-vector product / gradient",
@@ -68,6 +79,12 @@ def run(device: str | torch.device = "cpu") -> list[dict]:
          lambda: ggn_operator(problem, batch), 1, None),
         ("Hessian-vector product / gradient",
          lambda: hessian_vector_product(problem, batch, vector), 1, None),
+        ("Hessian-vector product of a built hessian_operator / gradient",
+         lambda: hessian(vector), 1, None),
+        ("Gauss-Newton-vector product, torch.compile'd / gradient",
+         lambda: ggn_vector_product(compiled, batch, vector), 1, None),
+        ("Hessian-vector product, torch.compile'd (forward-over-reverse) / gradient",
+         lambda: hessian_vector_product(compiled, batch, vector), 1, None),
         (f"Gauss-Newton products of {K} vectors at once, per vector / gradient",
          lambda: ggn_vector_product(problem, batch, vectors), K, None),
         (f"Hessian-vector products of {K} vectors at once, per vector / gradient",
@@ -90,8 +107,19 @@ def run(device: str | torch.device = "cpu") -> list[dict]:
         f"{device.type}, {torch.get_num_threads()} threads, median of {REPEATS}; "
         f"gradient {statistics.median(gradient_times) * 1e3:.0f} ms"
     )
+    details = {
+        name: f"{setting}; first call compiles: {compiling[key]:.1f} s"
+        for name, _, _, _ in measurements
+        for key in compiling
+        if "compile" in name and name.startswith({"G v": "Gauss", "H v": "Hessian"}[key])
+    }
     return [
-        {"name": name, "ratio": round(statistics.median(found), 3), "target": target, "detail": setting}
+        {
+            "name": name,
+            "ratio": round(statistics.median(found), 3),
+            "target": target,
+            "detail": details.get(name, setting),
+        }
         for (name, _, _, target), found in zip(measurements, ratios)
     ]
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.autograd.functional import hessian, jacobian
 
 from ksd import curvature
 from ksd.curvature import (
     ggn_operator,
     ggn_vector_product,
+    hessian_operator,
     hessian_vector_product,
     per_example_squared_gradients,
 )
@@ -65,7 +67,9 @@ MODELS = {
 LOSSES = ("sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error")
 
 
-def make_problem(model_name: str, loss_name: str, max_chunk: int = 10_000, seed: int = 0) -> Problem:
+def make_problem(
+    model_name: str, loss_name: str, max_chunk: int = 10_000, seed: int = 0, compile_curvature: bool = False
+) -> Problem:
     build, input_shape = MODELS[model_name]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N_EXAMPLES, *input_shape, generator=g, dtype=torch.float64)
@@ -78,7 +82,10 @@ def make_problem(model_name: str, loss_name: str, max_chunk: int = 10_000, seed:
     torch.manual_seed(seed)
     model = build().double()
     splits = Splits(Split(x, y), Split(x[:0], y[:0]), Split(x, y), DataSpec("toy", input_shape, N_OUT, "toy"))
-    return Problem(model, build_loss(loss_name), splits, autoencoder=False, max_chunk=max_chunk)
+    return Problem(
+        model, build_loss(loss_name), splits, autoencoder=False, max_chunk=max_chunk,
+        compile_curvature=compile_curvature,
+    )
 
 
 def dense_ggn(problem: Problem) -> torch.Tensor:
@@ -118,10 +125,10 @@ def test_products_equal_dense_matrices(model_name, loss_name):
         torch.testing.assert_close(hessian_vector_product(p, batch, vectors), vectors @ hess.T, **TOL)
         torch.testing.assert_close(ggn_vector_product(p, batch, v), ggn @ v, **TOL)
         torch.testing.assert_close(hessian_vector_product(p, batch, v), hess @ v, **TOL)
-        operator = ggn_operator(p, batch)
-        torch.testing.assert_close(operator(v), ggn @ v, **TOL)
-        torch.testing.assert_close(operator(vectors), vectors @ ggn.T, **TOL)
-        torch.testing.assert_close(operator(v), ggn @ v, **TOL)  # reusable
+        for operator, matrix in ((ggn_operator(p, batch), ggn), (hessian_operator(p, batch), hess)):
+            torch.testing.assert_close(operator(v), matrix @ v, **TOL)
+            torch.testing.assert_close(operator(vectors), vectors @ matrix.T, **TOL)
+            torch.testing.assert_close(operator(v), matrix @ v, **TOL)  # reusable
     # The Gauss-Newton part differs from the Hessian unless the network is linear in θ.
     assert (ggn - hess).abs().max() > 1e-6 * hess.abs().max()
 
@@ -138,17 +145,26 @@ def test_ggn_is_symmetric_positive_semidefinite(loss_name):
     assert problem.n_params > N_EXAMPLES * N_OUT
 
 
-def operator_product(problem, batch, vectors):
+def ggn_operator_product(problem, batch, vectors):
     return ggn_operator(problem, batch)(vectors)
 
 
-@pytest.mark.parametrize("curvature_product", [ggn_vector_product, hessian_vector_product, operator_product])
+def hessian_operator_product(problem, batch, vectors):
+    return hessian_operator(problem, batch)(vectors)
+
+
+OPERATOR_PRODUCTS = (ggn_operator_product, hessian_operator_product)
+
+
+@pytest.mark.parametrize(
+    "curvature_product", [ggn_vector_product, hessian_vector_product, *OPERATOR_PRODUCTS]
+)
 def test_batched_products_equal_loop_and_are_counted(curvature_product):
     problem = make_problem("cnn", "softmax_cross_entropy", max_chunk=4)  # groups of 1 vector per chunk
     vectors = torch.randn(3, problem.n_params, dtype=torch.float64)
     before = problem.counts.curvature
     batched = curvature_product(problem, problem.full_batch, vectors)
-    built = N_EXAMPLES if curvature_product is operator_product else 0  # the operator's set-up
+    built = N_EXAMPLES if curvature_product in OPERATOR_PRODUCTS else 0  # the operator's set-up
     assert problem.counts.curvature - before == 3 * N_EXAMPLES + built
     loop = torch.stack([curvature_product(problem, problem.full_batch, v) for v in vectors])
     torch.testing.assert_close(batched, loop, **TOL)
@@ -165,15 +181,39 @@ def test_products_at_another_point_leave_parameters_alone():
     torch.testing.assert_close(moved, ggn_vector_product(problem, problem.full_batch, v), **TOL)
 
 
-def test_operator_keeps_the_point_it_was_built_at():
-    problem = make_problem("mlp-tanh", "squared_error")
+@pytest.mark.parametrize("compile_curvature", [False, True])
+@pytest.mark.parametrize(
+    ("build", "product"), [(ggn_operator, ggn_vector_product), (hessian_operator, hessian_vector_product)]
+)
+def test_operator_keeps_the_point_it_was_built_at(build, product, compile_curvature):
+    problem = make_problem("mlp-tanh", "squared_error", compile_curvature=compile_curvature)
     theta0 = problem.theta.clone()
-    operator = ggn_operator(problem, problem.full_batch)
+    operator = build(problem, problem.full_batch)
     problem.theta.add_(0.1)
     v = torch.ones_like(theta0)
-    expected = ggn_vector_product(problem, problem.full_batch, v, theta0)
+    expected = product(problem, problem.full_batch, v, theta0)
     torch.testing.assert_close(operator(v), expected, **TOL)
-    assert not torch.allclose(expected, ggn_vector_product(problem, problem.full_batch, v))
+    assert not torch.allclose(expected, product(problem, problem.full_batch, v))
+
+
+def test_compiled_products_equal_dense_matrices():
+    """``compile_curvature``: the torch.compile'd products (Hessian by forward-over-reverse) are the same
+    matrices; compiled float64 kernels only reorder sums, so the float64 tolerance holds."""
+    problem = make_problem("mlp-sigmoid", "sigmoid_cross_entropy", max_chunk=4, compile_curvature=True)
+    ggn, hess = dense_ggn(problem), dense_hessian(problem)
+    g = torch.Generator().manual_seed(2)
+    vectors = torch.randn(3, problem.n_params, dtype=torch.float64, generator=g)
+    v = vectors[0]
+    batch = problem.full_batch
+    torch._dynamo.reset()  # compile here, whatever earlier tests compiled
+    counters.clear()
+    for _ in range(2):  # the second round runs the cached compilations
+        torch.testing.assert_close(ggn_vector_product(problem, batch, v), ggn @ v, **TOL)
+        torch.testing.assert_close(ggn_operator(problem, batch)(vectors), vectors @ ggn.T, **TOL)
+        torch.testing.assert_close(hessian_vector_product(problem, batch, v), hess @ v, **TOL)
+        torch.testing.assert_close(hessian_operator(problem, batch)(vectors), vectors @ hess.T, **TOL)
+    # G v and H v, one vector and a group of vectors, chunks of 4 and 3 examples: compiled, not eager
+    assert counters["stats"]["unique_graphs"] >= 4
 
 
 def squared_gradients_by_loop(problem: Problem) -> torch.Tensor:

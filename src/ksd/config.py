@@ -100,6 +100,7 @@ class RunConfig:
     eval_seconds: float | None = None  # also evaluate once this much training time passed since the last row
     eval_train_size: int | None = 10_000  # examples of the training set for train_loss (None: all)
     max_chunk: int = 10_000  # largest number of examples pushed through the network at once
+    compile_curvature: bool = False  # torch.compile the curvature products of HF and KSD (ksd.curvature)
     progress: bool | None = None  # progress bar; None: only when stderr is a terminal
     plot: bool = True  # write convergence.png at the end
     skip_completed: bool = True  # ksd-run returns at once if out dir has a completed run of this config

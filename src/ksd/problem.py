@@ -65,6 +65,8 @@ class Problem:
         max_chunk: largest number of examples pushed through the network at once; larger batches
             are processed in chunks and their results summed (same values, bounded memory).
         augment: optional training-batch augmentation, applied when mini-batches are drawn.
+        compile_curvature: compile the curvature-vector products of :mod:`ksd.curvature` with
+            ``torch.compile`` (see there for when it pays).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Problem:
         seed: int = 0,
         max_chunk: int = 10_000,
         augment: Augment | None = None,
+        compile_curvature: bool = False,
     ) -> None:
         self.model = model
         self.loss_fn = loss
@@ -84,6 +87,7 @@ class Problem:
         self.autoencoder = autoencoder
         self.max_chunk = max_chunk
         self.augment = augment
+        self.compile_curvature = compile_curvature
         self.counts = WorkCounter()
         self.theta = self._flatten_parameters()
         self.n_params = self.theta.numel()

@@ -76,6 +76,7 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
         seed=settings.seed,
         max_chunk=settings.run.max_chunk,
         augment=augment,
+        compile_curvature=settings.run.compile_curvature,
     )
     optimizer = build_optimizer(settings.optimizer, problem)
     lines = [
