@@ -20,7 +20,9 @@ operations per layer for the damping, skip tests and rank-2 updates). Memory is 
 bytes of the tensors in each optimizer's ``state_dict`` (Adam: its two moment vectors).
 
 Targets (issue 5, from the paper's claim of near first-order per-iteration cost): K-BFGS ≤ 2.0 and
-K-BFGS(L) ≤ 1.7 times an Adam step.
+K-BFGS(L) ≤ 1.7 times an Adam step. The split rows time the phases of the same steps (by wrapping the
+optimizer's own methods, so their sum is the step) in Adam steps: the first pass is an Adam step's
+forward/backward, and the two passes together already take about 1.6 of them on the CPU.
 
     python scripts/bench_kbfgs.py [--device cpu|cuda] [--repeats N]
 """
@@ -31,6 +33,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,46 @@ def step_times(optimizer: Optimizer, device: torch.device, warmup: int, repeats:
         sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def phase_seconds(optimizer: Optimizer, device: torch.device, repeats: int) -> dict[str, float]:
+    """Mean seconds per step of each phase of a K-BFGS step, by wrapping the methods that do them.
+
+    Phases: the two forward/backward passes, the A statistics (``input_second_moment``), the direction
+    ``H_g M H_a`` (``times_input_factor`` and ``_output_factor_times``, which also applies ``H_g`` to the
+    vectors of the double damping) and the rest (pair updates, momentum, bookkeeping).
+    """
+    seconds: dict[str, float] = {}
+
+    def timed(label: Callable[..., str], method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sync(device)
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            sync(device)
+            key = label(*args, **kwargs)
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+            return result
+
+        return wrapper
+
+    layers = optimizer.layers
+    layers.forward_backward = timed(
+        lambda *a, gradient, **k: "first pass (gradient)" if gradient else "second pass (trial point)",
+        layers.forward_backward,
+    )
+    for layer in layers:
+        layer.input_second_moment = timed(lambda *a: "A statistics", layer.input_second_moment)
+        layer.times_input_factor = timed(lambda *a: "direction H_g M H_a", layer.times_input_factor)
+    optimizer._output_factor_times = timed(lambda *a: "direction H_g M H_a", optimizer._output_factor_times)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        optimizer.step()
+    sync(device)
+    total = time.perf_counter() - start
+    seconds["rest"] = total - sum(seconds.values())
+    return {key: value / repeats for key, value in seconds.items()}
 
 
 def make(name: str, device: torch.device, **overrides: Any) -> Optimizer:
@@ -96,6 +139,15 @@ def run(device: torch.device, repeats: int = 7) -> list[dict]:
                 "detail": f"{seconds * 1e3:.1f} vs {adam_time * 1e3:.1f} ms ({how}); batch {BATCH}, {device}",
             }
         )
+        if name.startswith("kbfgs") and not overrides:
+            for phase, spent in phase_seconds(opt, device, repeats).items():
+                rows.append(
+                    {
+                        "name": f"{label} step split: {phase} / Adam step",
+                        "ratio": spent / adam_time,
+                        "detail": f"{spent * 1e3:.1f} ms per step, mean of {repeats} steps",
+                    }
+                )
         rows.append(
             {
                 "name": f"{label} state memory / Adam",
