@@ -244,4 +244,20 @@ def test_per_layer_formula_is_used_only_where_it_holds():
     total = torch.zeros_like(problem.theta)
     assert layers is not None
     batch = problem.full_batch
-    assert not curvature._add_linear_squared_gradients(problem, batch, problem.theta, layers, total)
+    assert curvature._add_linear_squared_gradients(problem, batch, problem.theta, layers, total) is None
+    assert not total.any()
+
+
+@pytest.mark.parametrize("model_name", ["mlp-sigmoid", "cnn", "shared-linear"])
+def test_gradient_and_squared_gradients_in_one_pass_match_the_separate_ones(model_name):
+    """HF's fused pass (per-layer formula for the MLP, separate routes for the others) returns the loss,
+    gradient and squared per-example gradients of the separate functions and counts the same work."""
+    problem = make_problem(model_name, "softmax_cross_entropy", max_chunk=3)  # chunks of 3, 3, 1
+    batch = problem.full_batch
+    before = (problem.counts.gradient, problem.counts.curvature)
+    loss, grad, squares = curvature.loss_gradient_and_squared_gradients(problem, batch)
+    assert (problem.counts.gradient - before[0], problem.counts.curvature - before[1]) == (7, 7)
+    expected_loss, expected_grad = problem.loss_and_grad(batch)
+    torch.testing.assert_close(loss, expected_loss, **TOL)
+    torch.testing.assert_close(grad, expected_grad, **TOL)
+    torch.testing.assert_close(squares, squared_gradients_by_loop(problem), **TOL)

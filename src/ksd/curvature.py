@@ -166,9 +166,41 @@ def per_example_squared_gradients(problem: Problem, batch: Batch, theta: Tensor 
     total = torch.zeros_like(point)
     layers = _linear_layers(problem.model)
     for chunk in batch.chunks(problem.max_chunk):
-        if layers is None or not _add_linear_squared_gradients(problem, chunk, point, layers, total):
+        if layers is None or _add_linear_squared_gradients(problem, chunk, point, layers, total) is None:
             _add_vmap_squared_gradients(problem, chunk, point, total)
     return total
+
+
+def loss_gradient_and_squared_gradients(
+    problem: Problem, batch: Batch, theta: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean loss, mean gradient and ``Σ_i (∇ℓ_i)²`` on ``batch``: what ``problem.loss_and_grad`` and
+    :func:`per_example_squared_gradients` return, from one forward/backward where the per-layer formula
+    applies (the weight gradient ``δᵀh`` and its square ``(δ²)ᵀ(h²)`` share ``δ`` and ``h``).
+
+    HF needs both on its gradient batch; done separately they cost two passes over it. Elsewhere (a
+    chunk the formula does not cover) the two are computed separately. Counts ``len(batch)`` gradient
+    and ``len(batch)`` curvature examples, as the two calls it replaces.
+    """
+    point = _point(problem, theta)
+    problem.counts.gradient += len(batch)
+    problem.counts.curvature += len(batch)
+    loss, gradient, squares = point.new_zeros(()), torch.zeros_like(point), torch.zeros_like(point)
+    layers = _linear_layers(problem.model)
+    for chunk in batch.chunks(problem.max_chunk):
+        chunk_loss = None
+        if layers is not None:
+            chunk_loss = _add_linear_squared_gradients(problem, chunk, point, layers, squares, gradient)
+        if chunk_loss is None:
+            leaf = point.detach().requires_grad_()
+            with torch.enable_grad():
+                outputs = problem.outputs(chunk.inputs, leaf)
+                chunk_loss = problem.loss_fn.per_example(outputs, chunk.targets).sum()
+                gradient += torch.autograd.grad(chunk_loss, leaf)[0]
+            chunk_loss = chunk_loss.detach()
+            _add_vmap_squared_gradients(problem, chunk, point, squares)
+        loss += chunk_loss
+    return loss / len(batch), gradient.div_(len(batch)), squares
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -277,9 +309,18 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Linear] | None:
 
 
 def _add_linear_squared_gradients(
-    problem: Problem, chunk: Batch, point: Tensor, layers: dict[str, nn.Linear], total: Tensor
-) -> bool:
-    """Add ``Σ_i (∇ℓ_i)²`` of ``chunk`` to ``total`` by the per-layer formula; False if it does not apply."""
+    problem: Problem,
+    chunk: Batch,
+    point: Tensor,
+    layers: dict[str, nn.Linear],
+    total: Tensor,
+    gradient: Tensor | None = None,
+) -> Tensor | None:
+    """Add ``Σ_i (∇ℓ_i)²`` of ``chunk`` to ``total`` by the per-layer formula, and with ``gradient`` the
+    summed gradient ``Σ_i ∇ℓ_i`` (``δᵀh`` and ``Σ_i δ_i`` per layer, the products autograd would do).
+
+    Returns the chunk's summed loss, or None (nothing added) where the formula does not apply.
+    """
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     valid = True
 
@@ -300,20 +341,23 @@ def _add_linear_squared_gradients(
         for handle in handles:
             handle.remove()
     if not valid or len(seen) != len(layers):
-        return False
+        return None
     names = list(seen)
     deltas = torch.autograd.grad(loss_sum, [seen[name][1] for name in names], allow_unused=True)
-    views = problem.unflatten(total)
+    targets = [(problem.unflatten(total), True)]
+    if gradient is not None:
+        targets.append((problem.unflatten(gradient), False))
     for name, delta in zip(names, deltas):
         if delta is None:  # the layer does not affect the loss
             continue
         inputs = seen[name][0]
-        squared = delta.square()
         prefix = f"{name}." if name else ""
-        views[prefix + "weight"].addmm_(squared.T, inputs.square())
-        if layers[name].bias is not None:
-            views[prefix + "bias"].add_(squared.sum(0))
-    return True
+        for views, squared in targets:
+            d, h = (delta.square(), inputs.square()) if squared else (delta, inputs)
+            views[prefix + "weight"].addmm_(d.T, h)
+            if layers[name].bias is not None:
+                views[prefix + "bias"].add_(d.sum(0))
+    return loss_sum.detach()
 
 
 def _add_vmap_squared_gradients(problem: Problem, chunk: Batch, point: Tensor, total: Tensor) -> None:

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ksd.config import require
-from ksd.curvature import ggn_operator, per_example_squared_gradients
+from ksd.curvature import ggn_operator, loss_gradient_and_squared_gradients
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.linalg import conjugate_gradient
 from ksd.problem import Batch, Problem
@@ -142,7 +142,11 @@ class HessianFree(Optimizer):
         c, st, problem = self.config, self.state, self.problem
         theta, damping = problem.theta, st["damping"]
         batch = self.next_batch()
-        loss, grad = self.regularized(*problem.loss_and_grad(batch), theta=theta)
+        if c.preconditioner:  # one pass for the gradient and the squared per-example gradients
+            loss, grad, squares = loss_gradient_and_squared_gradients(problem, batch)
+        else:
+            loss, grad = problem.loss_and_grad(batch)
+        loss, grad = self.regularized(loss, grad, theta=theta)
         self.check_finite(f"loss or gradient at HF iteration {st['iteration']}", loss, grad)
         f0 = loss.item()
         chunk = problem.train_chunk(st["iteration"], c.num_chunks)
@@ -154,8 +158,7 @@ class HessianFree(Optimizer):
 
         preconditioner = None
         if c.preconditioner:
-            squares = per_example_squared_gradients(problem, batch).div_(len(batch))
-            preconditioner = squares.add_(shift).pow_(c.preconditioner_exponent)
+            preconditioner = squares.div_(len(batch)).add_(shift).pow_(c.preconditioner_exponent)
         start = None if st["previous_step"] is None else st["previous_step"] * c.warm_start
         cg = conjugate_gradient(
             damped_ggn, grad.neg(), start, preconditioner=preconditioner, max_iterations=c.max_cg_iterations,
