@@ -101,12 +101,7 @@ def ggn_operator(problem: Problem, batch: Batch, theta: Tensor | None = None) ->
     The operator holds the activations of the whole batch (all chunks) until it is released, and a copy
     of ``theta``: it stays ``G`` at the point it was built at when the parameters move on.
     """
-    point = _point(problem, theta).clone()
-    if problem.compile_curvature:
-        return lambda vectors: ggn_vector_product(problem, batch, vectors, point)
-    problem.counts.curvature += len(batch)
-    operators = [(c, _ggn_stored_forward(problem, c, point)) for c in batch.chunks(problem.max_chunk)]
-    return lambda vectors: _sum_over_chunks(problem, batch, vectors, operators)
+    return _stored_operator(problem, batch, theta, _ggn_stored_forward, ggn_vector_product)
 
 
 def hessian_vector_product(
@@ -135,12 +130,7 @@ def hessian_operator(
     the activations of a forward — and a copy of ``theta`` until released. Building counts
     ``len(batch)`` curvature examples, each product ``len(batch)·k``.
     """
-    point = _point(problem, theta).clone()
-    if problem.compile_curvature:
-        return lambda vectors: hessian_vector_product(problem, batch, vectors, point)
-    problem.counts.curvature += len(batch)
-    operators = [(c, _hessian_on_chunk(problem, c, point)) for c in batch.chunks(problem.max_chunk)]
-    return lambda vectors: _sum_over_chunks(problem, batch, vectors, operators)
+    return _stored_operator(problem, batch, theta, _hessian_on_chunk, hessian_vector_product)
 
 
 def per_example_squared_gradients(problem: Problem, batch: Batch, theta: Tensor | None = None) -> Tensor:
@@ -231,6 +221,23 @@ def _sum_over_chunks(
         for start in range(0, k, group):
             result[start : start + group] += operator(vectors[start : start + group])
     return result.div_(len(batch))
+
+
+def _stored_operator(
+    problem: Problem,
+    batch: Batch,
+    theta: Tensor | None,
+    build_chunk: Callable[[Problem, Batch, Tensor], ChunkOperator],
+    one_off: Callable[[Problem, Batch, Tensor, Tensor], Tensor],
+) -> Callable[[Tensor], Tensor]:
+    """``V ↦ (1/B) Σ_chunks build_chunk(chunk)(V)`` with every chunk's operator built once, at a copy of
+    ``theta``; with ``compile_curvature`` the compiled ``one_off`` product at that copy instead."""
+    point = _point(problem, theta).clone()
+    if problem.compile_curvature:
+        return lambda vectors: one_off(problem, batch, vectors, point)
+    problem.counts.curvature += len(batch)
+    operators = [(c, build_chunk(problem, c, point)) for c in batch.chunks(problem.max_chunk)]
+    return lambda vectors: _sum_over_chunks(problem, batch, vectors, operators)
 
 
 def _batched(product: Callable[[Tensor], Tensor]) -> ChunkOperator:
