@@ -66,9 +66,10 @@ def step_times(optimizer: Optimizer, device: torch.device, warmup: int, repeats:
 def phase_seconds(optimizer: Optimizer, device: torch.device, repeats: int) -> dict[str, float]:
     """Mean seconds per step of each phase of a K-BFGS step, by wrapping the methods that do them.
 
-    Phases: the two forward/backward passes, the A statistics (``input_second_moment``), the direction
-    ``H_g M H_a`` (``times_input_factor`` and ``_output_factor_times``, which also applies ``H_g`` to the
-    vectors of the double damping) and the rest (pair updates, momentum, bookkeeping).
+    Phases: the two forward/backward passes, the A statistics (``input_second_moment`` and its in-place
+    moving average), the direction ``H_g M H_a`` (``times_input_factor`` and ``_output_factor_times``,
+    which also applies ``H_g`` to the vectors of the double damping) and the rest (pair updates, momentum,
+    bookkeeping).
     """
     seconds: dict[str, float] = {}
 
@@ -90,7 +91,8 @@ def phase_seconds(optimizer: Optimizer, device: torch.device, repeats: int) -> d
         layers.forward_backward,
     )
     for layer in layers:
-        layer.input_second_moment = timed(lambda *a: "A statistics", layer.input_second_moment)
+        for method in ("input_second_moment", "update_input_second_moment_"):
+            setattr(layer, method, timed(lambda *a: "A statistics", getattr(layer, method)))
         layer.times_input_factor = timed(lambda *a: "direction H_g M H_a", layer.times_input_factor)
     optimizer._output_factor_times = timed(lambda *a: "direction H_g M H_a", optimizer._output_factor_times)
     sync(device)

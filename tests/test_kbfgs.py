@@ -15,7 +15,7 @@ from ksd.config import ConfigError
 from ksd.data import DataSpec, Split, Splits
 from ksd.losses import build_loss
 from ksd.optim.kbfgs import KBFGS, KBFGSL, accept_pair, bfgs_inverse_update_, double_damping
-from ksd.optim.kronecker import KroneckerLayers
+from ksd.optim.kronecker import SYMMETRIC_SPLIT_MIN, KroneckerLayers, symmetric_gram_
 from ksd.problem import Batch, Problem
 
 
@@ -109,6 +109,41 @@ def test_linear_factors_equal_explicit_second_moments():
     torch.testing.assert_close(rec.output_grads[0], 50 * z.grad)
     torch.testing.assert_close(layer.output_grad_second_moment(rec), 50 * z.grad.T @ z.grad)
     torch.testing.assert_close(record.grad, torch.cat([p.grad.flatten() for p in model.parameters()]))
+
+
+@pytest.mark.parametrize("width", [SYMMETRIC_SPLIT_MIN - 1, SYMMETRIC_SPLIT_MIN + 1])
+def test_symmetric_gram_equals_the_full_product_in_place(width):
+    """Both routes (one product; upper block triangle + mirrored block, odd width) against ``RᵀR``."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, width, dtype=torch.float64, generator=g) for n in (7, 5)]
+    out = torch.randn(width, width, dtype=torch.float64, generator=g)
+    out = out + out.T  # a symmetric average, as the factors are
+    expected = 0.9 * out + 0.25 * sum(r.T @ r for r in rows)
+    assert symmetric_gram_(out, rows, 0.9, 0.25) is out
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    garbage = torch.full((width, width), float("nan"), dtype=torch.float64)
+    torch.testing.assert_close(symmetric_gram_(garbage, rows, 0.0, 1.0), sum(r.T @ r for r in rows))
+
+
+def test_moving_averages_of_the_factors_update_in_place():
+    """``Ā ← β Ā + (1 − β) A`` and ``Ḡ ← β Ḡ + (1 − β) G`` for a layer wider than the symmetric split."""
+    torch.manual_seed(3)
+    width = SYMMETRIC_SPLIT_MIN + 4
+    x, y = torch.randn(20, width, dtype=torch.float64), torch.randint(0, 3, (20,))
+    problem = make_problem(nn.Sequential(nn.Linear(width, 300), nn.Tanh(), nn.Linear(300, 3)).double(), x, y)
+    layers = KroneckerLayers(problem, "kfac")
+    rec = layers.forward_backward(Batch(x, y), gradient=True).layers[0]
+    layer = layers.layers[0]
+    a_bar, g_bar = (m @ m.T for m in (torch.rand(width + 1, 5), torch.rand(300, 5)))
+    a_bar, g_bar = a_bar.double(), g_bar.double()
+    expected_a = 0.8 * a_bar + 0.2 * layer.input_second_moment(rec, 20)
+    expected_g = 0.8 * g_bar + 0.2 * layer.output_grad_second_moment(rec)
+    layer.update_input_second_moment_(a_bar, rec, 20, 0.8)
+    layer.update_output_grad_second_moment_(g_bar, rec, 0.8)
+    torch.testing.assert_close(a_bar, expected_a)
+    torch.testing.assert_close(g_bar, expected_g)
+    homogeneous = torch.cat([x, torch.ones(20, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(layer.input_second_moment(rec, 20), homogeneous.T @ homogeneous / 20)
 
 
 def test_conv_factors_equal_explicit_unfold():

@@ -226,9 +226,7 @@ class KBFGS(KroneckerOptimizer):
             self._init_input_factors(first)
         elif self.a_mode == "stored":
             for layer, a_bar, rec in zip(self.layers, st["A"], first.layers):
-                a_bar.mul_(c.a_decay).add_(
-                    layer.input_second_moment(rec, first.examples), alpha=1 - c.a_decay
-                )
+                layer.update_input_second_moment_(a_bar, rec, first.examples, c.a_decay)
 
         named_momentum, named_theta = problem.unflatten(momentum), problem.unflatten(problem.theta)
         self._prepare_output_factors()

