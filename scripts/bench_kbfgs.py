@@ -3,7 +3,8 @@
 The problem is the K-BFGS paper's MNIST autoencoder (784-1000-500-250-30 + mirror, ReLU, 2.8 M
 parameters) with mini-batches of 1,000, on real MNIST when ``KSD_DATA`` points at the data folder, else
 on random images of the same shape. Every optimizer starts from the same initialisation; steps are timed
-one by one (device synchronised around each) after warm-up steps and the median is reported. Warm-up
+one by one (device synchronised around each) after warm-up steps, in blocks of three that alternate with
+blocks of three Adam steps, and the ratio of the medians is reported. Warm-up
 covers K-BFGS's step 0 (pass over the training data for Ā, explicit inverses), K-BFGS(L)'s first
 ``history_size`` steps (until its ring buffers are full, so the compact form has its steady width) and
 K-FAC's first ``inverse_every`` steps (inverses every step); K-FAC's time is the mean over one full
@@ -50,17 +51,28 @@ BATCH = 1000
 TRAIN_SIZE = 10_000
 
 
-def step_times(optimizer: Optimizer, device: torch.device, warmup: int, repeats: int) -> list[float]:
+def seconds_of_step(optimizer: Optimizer, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    optimizer.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired_step_times(
+    optimizer: Optimizer, adam: Optimizer, device: torch.device, warmup: int, repeats: int, block: int = 3
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats × block`` steps of ``optimizer`` after ``warmup`` steps and as many Adam steps,
+    in alternating blocks of ``block`` steps: both are measured under the same load on a shared machine,
+    and each method runs consecutive steps as in training (the medians discount the first step of a block,
+    which starts with the other method's data in the caches)."""
     for _ in range(warmup):
         optimizer.step()
-    times = []
+    times, adam_times = [], []
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        optimizer.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+        adam_times += [seconds_of_step(adam, device) for _ in range(block)]
+        times += [seconds_of_step(optimizer, device) for _ in range(block)]
+    return times, adam_times
 
 
 def phase_seconds(optimizer: Optimizer, device: torch.device, repeats: int) -> dict[str, float]:
@@ -120,19 +132,22 @@ def run(device: torch.device, repeats: int = 7) -> list[dict]:
         ("K-FAC", "kfac", {}, None),
     ]
     adam = make("adam", device)
-    adam_time = statistics.median(step_times(adam, device, 2, repeats))
+    for _ in range(2):
+        adam.step()
     adam_bytes = state_bytes(adam.state_dict())
     rows = []
     for label, name, overrides, target in cases:
         opt = make(name, device, **overrides)
-        if name == "kfac":
+        if name == "kfac":  # amortised: one full inversion period, one step of which refreshes the inverses
             period = opt.config.inverse_every
-            seconds = statistics.mean(step_times(opt, device, period + 1, period))
-            how = f"mean of {period} steps (one inverse refresh)"
+            times, adam_times = paired_step_times(opt, adam, device, period + 1, 1, block=period)
+            seconds, adam_time = statistics.mean(times), statistics.mean(adam_times)
+            how = f"means of {period} steps (one inverse refresh)"
         else:  # K-BFGS(L): warm up until its ring buffers are full (steady-state cost)
             warmup = getattr(opt.config, "history_size", 1) + 1
-            seconds = statistics.median(step_times(opt, device, warmup, repeats))
-            how = f"median of {repeats} after {warmup} warm-up steps"
+            times, adam_times = paired_step_times(opt, adam, device, warmup, repeats)
+            seconds, adam_time = statistics.median(times), statistics.median(adam_times)
+            how = f"medians of {3 * repeats} steps in alternating blocks of 3, after {warmup} warm-up steps"
         rows.append(
             {
                 "name": f"{label} step / Adam step",
