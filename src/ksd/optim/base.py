@@ -69,13 +69,13 @@ class Optimizer(ABC):
         return self.problem.full_batch if size is None else self.problem.next_batch(size)
 
     def regularized(self, loss: Tensor, grad: Tensor | None = None, theta: Tensor | None = None):
-        """Add the L2 term ``τ/2 ‖θ‖²`` to a loss (and ``τ θ`` to its gradient)."""
+        """Add the L2 term ``τ/2 ‖θ‖²`` to a loss (and ``τ θ`` to its gradient, in place)."""
         tau = self.config.weight_decay
         if tau == 0:
             return loss if grad is None else (loss, grad)
         theta = self.problem.theta if theta is None else theta
         loss = loss + 0.5 * tau * theta.dot(theta)
-        return loss if grad is None else (loss, grad + tau * theta)
+        return loss if grad is None else (loss, grad.add_(theta, alpha=tau))
 
     def objective_and_grad(self, batch: Batch, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The regularised objective ``f_B(θ) + τ/2 ‖θ‖²`` on ``batch`` and its gradient, at ``theta``."""

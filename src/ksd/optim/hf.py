@@ -183,8 +183,8 @@ class HessianFree(Optimizer):
             chosen, f_step = chosen - 1, earlier
         step = cg.iterates[chosen]
 
-        rho = self._reduction_ratio(chunk, ggn, grad, step)
         slope = grad.dot(step).item()
+        rho = self._reduction_ratio(chunk, ggn, slope, step)
         rate, tries = 1.0, 1
         while f_step > f0 + c.armijo_c * rate * slope:
             if tries == c.line_search_tries:
@@ -212,13 +212,14 @@ class HessianFree(Optimizer):
         }
 
     def _reduction_ratio(
-        self, chunk: Batch, ggn: Callable[[Tensor], Tensor], grad: Tensor, step: Tensor
+        self, chunk: Batch, ggn: Callable[[Tensor], Tensor], slope: float, step: Tensor
     ) -> float:
-        """``ρ = [f_C(θ+p) − f_C(θ)] / [gᵀp + ½ pᵀ(G_C + τI)p]``, −∞ when ``f_C`` increases."""
+        """``ρ = [f_C(θ+p) − f_C(θ)] / [gᵀp + ½ pᵀ(G_C + τI)p]`` with ``slope = gᵀp``; −∞ when ``f_C``
+        increases."""
         theta, tau = self.problem.theta, self.config.weight_decay
         before, after = self._objective(chunk, theta), self._objective(chunk, theta + step)
         if after > before:
             return -math.inf
         curvature = ggn(step).add_(step, alpha=tau)
-        predicted = (grad.dot(step) + 0.5 * step.dot(curvature)).item()
+        predicted = slope + 0.5 * step.dot(curvature).item()
         return (after - before) / predicted if predicted != 0 else math.nan

@@ -64,7 +64,13 @@ import torch
 from torch import Tensor
 
 from ksd.config import require
-from ksd.optim.kronecker import KroneckerLayer, KroneckerOptimizer, LayerRecord, PassRecord
+from ksd.optim.kronecker import (
+    KroneckerLayer,
+    KroneckerOptimizer,
+    LayerRecord,
+    PassRecord,
+    damped_inverse,
+)
 from ksd.problem import Problem
 
 
@@ -120,12 +126,6 @@ def bfgs_inverse_update_(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -> Ten
     s = torch.where(accept, s, 0.0)
     h.addmm_(torch.stack([u, s], 1), torch.stack([s, u], 0))
     return accept
-
-
-def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
-    """``(matrix + damping · I)⁻¹`` of a symmetric positive semi-definite matrix, by Cholesky."""
-    shifted = matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky_ex(shifted).L)
 
 
 class KBFGS(KroneckerOptimizer):
@@ -309,8 +309,7 @@ class KBFGSL(KBFGS):
         d = sy.diagonal()
         r = torch.triu(sy)
         r.diagonal().copy_(torch.where(d > 0, d, torch.ones_like(d)))
-        eye = torch.eye(width, dtype=s.dtype, device=s.device)
-        r_inv_st = torch.linalg.solve_triangular(r, eye, upper=True) @ s  # R⁻¹ Sᵀ, stored as rows
+        r_inv_st = torch.linalg.solve_triangular(r, s, upper=True)  # R⁻¹ Sᵀ, stored as rows
         left = torch.cat([r_inv_st.T, y.T], 1)
         middle = torch.diag(d) + y @ y.T
         right = torch.cat([middle @ r_inv_st - y, -r_inv_st], 0)

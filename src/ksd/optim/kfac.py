@@ -32,8 +32,7 @@ from torch import Tensor
 
 from ksd.config import require
 from ksd.losses import Loss
-from ksd.optim.kbfgs import damped_inverse
-from ksd.optim.kronecker import KroneckerOptimizer
+from ksd.optim.kronecker import KroneckerOptimizer, damped_inverse
 from ksd.problem import Problem
 
 

@@ -78,6 +78,12 @@ def symmetric_gram_(out: Tensor, rows: list[Tensor], beta: float, alpha: float) 
     return out
 
 
+def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
+    """``(matrix + damping · I)⁻¹`` of a symmetric positive semi-definite matrix, by Cholesky."""
+    shifted = matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky_ex(shifted).L)
+
+
 @dataclass
 class LayerRecord:
     """What one layer saw during one forward/backward pass, one entry per chunk of the batch."""

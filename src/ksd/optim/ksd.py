@@ -206,8 +206,7 @@ class KrylovSubspaceDescent(Optimizer):
     # ------------------------------------------------------------------ the three phases of a step
     def gradient(self) -> tuple[Tensor, Tensor]:
         """Loss and gradient (weight decay included) on the gradient batch at the current θ."""
-        loss, grad = self.regularized(*self.problem.loss_and_grad(self.next_batch()))
-        return loss, grad
+        return self.objective_and_grad(self.next_batch())
 
     def build_basis(self, grad: Tensor, batch: Batch) -> Subspace:
         """Fill the rows of :attr:`basis` with the orthonormal preconditioned Krylov basis on ``batch`` and
@@ -249,7 +248,7 @@ class KrylovSubspaceDescent(Optimizer):
 
         def objective(a: Tensor) -> tuple[float, Tensor]:
             torch.addmv(self.problem.theta, V.T, a.to(V), out=self.trial)
-            loss, grad = self.regularized(*self.problem.loss_and_grad(batch, self.trial), theta=self.trial)
+            loss, grad = self.objective_and_grad(batch, self.trial)
             values = torch.cat([loss.reshape(1), V.mv(grad)]).to("cpu", torch.float64)
             return values[0].item(), values[1:]
 

@@ -87,6 +87,7 @@ class LBFGS(Optimizer):
                 c2=c.c2,
                 tolerance=c.tolerance_change,
                 max_evaluations=c.max_evaluations,
+                slope=slope,
             )
             t, new_loss, new_grad, evaluations = result.step, result.loss, result.grad, result.evaluations
         else:
@@ -96,7 +97,10 @@ class LBFGS(Optimizer):
         theta.add_(step)
         self._remember(step, new_grad - grad)
         st["iteration"] += 1
-        st["cached"] = (theta.new_tensor(new_loss), new_grad) if full_batch else None
+        if full_batch:  # new_loss is a float after the line search, a tensor without it
+            st["cached"] = (torch.as_tensor(new_loss, dtype=theta.dtype, device=theta.device), new_grad)
+        else:
+            st["cached"] = None
         return {"loss": loss, "step_size": t, "evaluations": evaluations}
 
     def _remember(self, step: torch.Tensor, grad_diff: torch.Tensor) -> None:

@@ -22,12 +22,12 @@ def two_loop_recursion(
     alphas = []
     for s, y, rho in zip(reversed(steps), reversed(grad_diffs), reversed(rhos)):
         alpha = rho * s.dot(q)
-        q.sub_(alpha * y)
+        q.addcmul_(y, alpha, value=-1)
         alphas.append(alpha)
     r = q.mul_(gamma)
     for s, y, rho, alpha in zip(steps, grad_diffs, rhos, reversed(alphas)):
         beta = rho * y.dot(r)
-        r.add_((alpha - beta) * s)
+        r.addcmul_(s, alpha - beta)
     return r
 
 
@@ -83,6 +83,7 @@ def strong_wolfe(
     c2: float = 0.9,
     tolerance: float = 1e-9,
     max_evaluations: int = 25,  # trial points after the first, as torch's max_ls
+    slope: float | None = None,  # f'(0) = gradᵀ direction when the caller has it already
 ) -> LineSearchResult:
     """Step length satisfying the strong Wolfe conditions along ``direction`` (Nocedal & Wright, Alg. 3.5-6).
 
@@ -95,7 +96,7 @@ def strong_wolfe(
     trial decreased ``f``, which callers treat as a rejected step. A non-finite ``f(t)`` (the model
     overflowed) counts as ``+∞``: such a point ends the bracketing phase and is never the best.
     """
-    slope0 = grad.dot(direction).item()
+    slope0 = grad.dot(direction).item() if slope is None else slope
     scale = direction.abs().max().item()
     start = _Point(0.0, loss, grad, slope0)
 
@@ -211,7 +212,8 @@ def conjugate_gradient(
     y = r if preconditioner is None else r / preconditioner
     p = y.neg()
     r_dot_y = r.dot(y)
-    values = [0.5 * (r - b).dot(x).item()]
+    residual_minus_b = torch.sub(r, b)  # workspace for q_i = ½ (r_i − b)ᵀ x_i
+    values = [0.5 * residual_minus_b.dot(x).item()]
     iterates: list[Tensor] = []
     iterations: list[int] = []
     saves = 0
@@ -224,13 +226,13 @@ def conjugate_gradient(
             stop = "non_positive_curvature"
             break
         alpha = r_dot_y / curvature
-        x.add_(alpha * p)
-        r.add_(alpha * product)
+        x.addcmul_(p, alpha)
+        r.addcmul_(product, alpha)
         y = r if preconditioner is None else r / preconditioner
         r_dot_y, previous = r.dot(y), r_dot_y
         p.mul_(r_dot_y / previous).sub_(y)
         i += 1
-        values.append(0.5 * (r - b).dot(x).item())
+        values.append(0.5 * torch.sub(r, b, out=residual_minus_b).dot(x).item())
         if i == math.ceil(CG_SAVE_FIRST * CG_SAVE_RATIO**saves):
             iterates.append(x.clone())
             iterations.append(i)
