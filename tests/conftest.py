@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -12,13 +13,30 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-DATA = Path(os.environ.get("KSD_DATA", REPO.parent / "shared" / "data"))
+
+
+def _data_root() -> Path:
+    """The real data folder: ``$KSD_DATA`` if set (non-empty), else ``<repo>/../shared/data``."""
+    env = os.environ.get("KSD_DATA")
+    return Path(env).expanduser() if env else REPO.parent / "shared" / "data"
+
+
+DATA = _data_root()
+# CI sets KSD_REQUIRE_DATA=1 (.ci/run): there, missing real data fails the tests instead of skipping them.
+REQUIRE_DATA = bool(os.environ.get("KSD_REQUIRE_DATA"))
+
+
+def missing_data(reason: str) -> NoReturn:
+    """Skip the test for missing real data, or fail it when KSD_REQUIRE_DATA is set."""
+    if REQUIRE_DATA:
+        pytest.fail(f"{reason}; KSD_REQUIRE_DATA is set, so the real data is required", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"real data not found at {DATA} (set KSD_DATA)")
+        missing_data(f"real data not found at {DATA} (set KSD_DATA)")
     return DATA
 
 

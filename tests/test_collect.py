@@ -181,4 +181,5 @@ def test_figures_and_readme_tables(sweep, tmp_path):
 def test_optimizer_colours_are_fixed_and_distinct():
     assert len(set(COLORS.values())) == len(COLORS)
     assert color("sgd") == COLORS["sgd"]
-    assert color("my_method") == color("my_method") and color("my_method").startswith("#")
+    assert color("my_method") == "#cedb9c"  # tab20b, picked by the name's CRC-32: the same in every run
+    assert color("my_method").startswith("#")

@@ -1,9 +1,10 @@
 """Tests for ksd.data: the real files in shared/data (MNIST, CIFAR-10), CURVES, errors, carving, augmentation.
 
-The real data root is ``$KSD_DATA`` if set, else ``<repo>/../shared/data`` (or ``<repo>/shared/data``);
-tests that need it are skipped, with the path in the reason, when it is absent. The cache
-(``KSD_CACHE``) points at a per-session temporary folder, so the cold paths (CIFAR-10 LZMA decode, CURVES
-generation) run once per session and the user's cache is never touched.
+The real data root is conftest's ``DATA``: ``$KSD_DATA`` if set, else ``<repo>/../shared/data``;
+tests that need it are skipped, with the path in the reason, when it is absent, and fail instead when
+``KSD_REQUIRE_DATA`` is set (as in CI). The cache (``KSD_CACHE``) points at a per-session temporary folder,
+so the cold paths (CIFAR-10 LZMA decode, CURVES generation) run once per session and the user's cache is
+never touched.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import DATA, REPO, missing_data
 
 from ksd.data import DATASETS, DataError, Splits, default_root, load_dataset
 from ksd.data import cifar10 as cifar_mod
@@ -29,18 +30,6 @@ from ksd.data import curves as curves_mod
 from ksd.data.cifar10 import augment_cifar
 from ksd.data.splits import carve_indices
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _data_root() -> Path:
-    env = os.environ.get("KSD_DATA")
-    if env:
-        return Path(env).expanduser()
-    candidates = [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-DATA = _data_root()
 MNIST_RAW = DATA / "MNIST" / "raw"
 MNIST_GZ = [
     "train-images-idx3-ubyte",
@@ -50,8 +39,23 @@ MNIST_GZ = [
 ]
 HAS_MNIST = all((MNIST_RAW / f"{name}.gz").is_file() for name in MNIST_GZ)
 HAS_CIFAR = (DATA / "cifar10").is_dir() or (DATA / "cifar-10-batches-py").is_dir()
-needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason=f"MNIST .gz files not found in {MNIST_RAW}")
-needs_cifar = pytest.mark.skipif(not HAS_CIFAR, reason=f"CIFAR-10 not found in {DATA}")
+
+
+@pytest.fixture
+def _mnist_files() -> None:
+    if not HAS_MNIST:
+        missing_data(f"MNIST .gz files not found in {MNIST_RAW} (set KSD_DATA)")
+
+
+@pytest.fixture
+def _cifar_files() -> None:
+    if not HAS_CIFAR:
+        missing_data(f"CIFAR-10 not found in {DATA} (set KSD_DATA)")
+
+
+# skipped without the files, failed under KSD_REQUIRE_DATA (conftest.missing_data)
+needs_mnist = pytest.mark.usefixtures("_mnist_files")
+needs_cifar = pytest.mark.usefixtures("_cifar_files")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,7 +23,7 @@ from ksd.curvature import ggn_operator
 from ksd.data import DataSpec, Split, Splits
 from ksd.engine import RunOutcome, Trainer
 from ksd.losses import build_loss
-from ksd.optim import available, optimizer_class
+from ksd.optim import OPTIMIZERS, optimizer_class
 from ksd.optim.arcs_lsr1 import ARCsLSR1
 from ksd.optim.base import Optimizer
 from ksd.optim.hf import HessianFree
@@ -134,7 +134,7 @@ def non_finite_away_from_theta(problem: Problem, monkeypatch: pytest.MonkeyPatch
 
 # ---------------------------------------------------------------------- non-finite loss or gradient
 @pytest.mark.parametrize("mode", ["output", "gradient"])
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_non_finite_loss_or_gradient_ends_the_run_as_diverged(name, mode):
     """The fault strikes at the third step. Methods that check at once stop there, θ untouched; the others
     step into NaN and the engine ends the run at the evaluation after the faulty step (step 4)."""

@@ -62,8 +62,11 @@ def test_loss_at_other_point_does_not_move_parameters():
 
 def test_minibatches_cover_each_epoch_once_and_count_work():
     problem = make_problem(n=60)
-    seen = torch.cat([problem.next_batch(20).targets for _ in range(3)])
-    assert seen.shape == (60,)
+    first = [problem.next_batch(20) for _ in range(3)]
+    assert torch.cat([b.targets for b in first]).shape == (60,)
+    seen = torch.unique(torch.cat([b.inputs for b in first]), dim=0)
+    # the first epoch is a permutation too: its 60 distinct rows are the training set's 60 rows
+    assert torch.equal(seen, torch.unique(problem.splits.train.inputs, dim=0))
     batches = [problem.next_batch(20) for _ in range(3)]
     rows = torch.cat([b.inputs for b in batches])
     assert torch.unique(rows, dim=0).shape[0] == 60  # a permutation: every example exactly once

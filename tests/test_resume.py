@@ -15,7 +15,7 @@ from ksd.config import RunConfig
 from ksd.data import DataSpec, Split, Splits
 from ksd.engine import Trainer
 from ksd.losses import build_loss
-from ksd.optim import available, optimizer_class
+from ksd.optim import OPTIMIZERS, optimizer_class
 from ksd.problem import Problem
 from ksd.runner import execute
 
@@ -53,7 +53,7 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
 
 
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_interrupted_and_resumed_run_equals_uninterrupted(name):
     cfg = RunConfig(
         max_steps=12,

@@ -36,6 +36,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 import ksd  # noqa: F401  registers ${by_scale:...} for configs read from .hydra/config.yaml
+from ksd.results import atomic_write
 
 #: Columns that identify a comparison: one line per optimizer in a figure of one experiment.
 GROUP = ["experiment", "scale", "dataset", "model", "optimizer"]
@@ -54,6 +55,7 @@ NOT_RESULT = (
     "run.plot",
     "run.skip_completed",
     "run.max_chunk",
+    "run.compile_curvature",
     "run.checkpoint_every",
     "run.eval_every",
     "run.eval_seconds",
@@ -169,7 +171,7 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
     targets = _time_to_targets(table)
     out = []
     for key, group in finals.groupby(GROUP, dropna=False, sort=True):
-        metric = _first(group, "experiment.select_on") or (
+        metric = first_value(group, "experiment.select_on") or (
             "val_loss" if _has(group, "val_loss") else "train_loss"
         )
         sign = -1.0 if higher_is_better(metric) else 1.0
@@ -210,29 +212,27 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
                     row[f"{column}_mean"] = values.mean() if len(values) else float("nan")
                     row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
             times = targets.reindex(runs["run"])
-            row["target"] = _first(group, "experiment.target")
+            row["target"] = first_value(group, "experiment.target")
             row["target_reached"] = int(times.notna().sum())
             row["time_to_target_mean"] = times.mean()
         out.append(row)
     return pd.DataFrame(out)
 
 
-def write(table: pd.DataFrame, out: Path) -> list[Path]:
-    """``out``.parquet and ``out``.csv of the table, ``out``_selected.csv of its selection."""
+def write(table: pd.DataFrame, selection: pd.DataFrame, out: Path) -> list[Path]:
+    """``out``.parquet and ``out``.csv of the table, ``out``_selected.csv of its selection (atomically)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out.with_name(out.name + ".parquet"), out.with_name(out.name + ".csv")]
-    _parquet_safe(table).to_parquet(paths[0], index=False)
-    table.to_csv(paths[1], index=False)
-    selected = out.with_name(out.name + "_selected.csv")
-    select(table).to_csv(selected, index=False)
-    return [*paths, selected]
+    paths = [out.with_name(out.name + suffix) for suffix in (".parquet", ".csv", "_selected.csv")]
+    atomic_write(paths[0], lambda f: _parquet_safe(table).to_parquet(f, index=False), binary=True)
+    atomic_write(paths[1], lambda f: table.to_csv(f, index=False))
+    atomic_write(paths[2], lambda f: selection.to_csv(f, index=False))
+    return paths
 
 
-def report(table: pd.DataFrame) -> str:
+def report(table: pd.DataFrame, selection: pd.DataFrame) -> str:
     """Text for the terminal: the selection, and every run that did not complete, with its reason."""
     lines = []
-    selection = select(table)
     if not selection.empty:
         cols = [
             c
@@ -267,8 +267,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = collect(args.dirs)
     if table.empty:
         parser.error(f"no runs (summary.json or .hydra/config.yaml) below {', '.join(map(str, args.dirs))}")
-    paths = write(table, args.out)
-    print(report(table))
+    selection = select(table)
+    paths = write(table, selection, args.out)
+    print(report(table, selection))
     print(f"\n{table['run'].nunique()} runs, {len(table)} rows -> {', '.join(map(str, paths))}")
 
 
@@ -302,7 +303,8 @@ def _has(frame: pd.DataFrame, column: str) -> bool:
     return column in frame and frame[column].notna().any()
 
 
-def _first(frame: pd.DataFrame, column: str) -> Any:
+def first_value(frame: pd.DataFrame, column: str) -> Any:
+    """The first non-missing value of ``column`` in ``frame`` (None when there is none)."""
     if column not in frame:
         return None
     values = frame[column].dropna()
@@ -320,8 +322,8 @@ def _tuned(setting: str, all_settings: Iterable[str]) -> str:
 def _time_to_targets(table: pd.DataFrame) -> pd.Series:
     parts = []
     for _, runs in table.groupby("experiment", sort=False):
-        metric = _first(runs, "experiment.train_metric") or "train_loss"
-        target = _first(runs, "experiment.target")
+        metric = first_value(runs, "experiment.train_metric") or "train_loss"
+        target = first_value(runs, "experiment.target")
         if target is not None and np.isfinite(float(target)):
             parts.append(time_to_target(runs, metric, float(target)))
     return pd.concat(parts) if parts else pd.Series(dtype=float)

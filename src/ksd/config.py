@@ -9,7 +9,7 @@ their optimizers (``Optimizer.Config``) and are found through :data:`ksd.optim.O
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -158,7 +158,6 @@ class Settings:
     logger: LoggerConfig
     seed: int = 0
     device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _merge(schema: type, node: Any, where: str) -> Any:
@@ -189,8 +188,6 @@ def validate(cfg: DictConfig) -> Settings:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot resolve {err.full_key}: {str(err).splitlines()[0]}") from None
-    top_level = {"dataset", "model", "optimizer", "run", "logger", "seed", "device"}
-    extra = {k: v for k, v in cfg.items() if k not in top_level}
     require(isinstance(cfg.get("seed"), int), f"seed must be an integer, got {cfg.get('seed')!r}.")
     device = cfg.get("device")
     require(
@@ -208,5 +205,4 @@ def validate(cfg: DictConfig) -> Settings:
         logger=_merge(LoggerConfig, cfg.logger, "logger"),
         seed=cfg.seed,
         device=device,
-        extra=OmegaConf.to_container(DictConfig(extra), resolve=True),
     )

@@ -151,8 +151,12 @@ class Trainer:
         self.outcome = RunOutcome("completed", "budget reached", 0, 0.0, 0.0)
         self.stats: dict[str, Any] = {}
         self.finite = torch.ones((), dtype=torch.bool, device=problem.device)
-        self.last_recorded: int | None = None
         self.bar = None
+
+    @property
+    def last_recorded(self) -> int | None:
+        """The step of the last metrics row (None before the first)."""
+        return self.outcome.rows[-1]["step"] if self.outcome.rows else None
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -163,7 +167,6 @@ class Trainer:
             "rows": list(self.outcome.rows),
             "stats": {k: _scalar(v) for k, v in self.stats.items()},
             "finite": bool(self.finite),
-            "last_recorded": self.last_recorded,
             "problem": self.problem.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -178,7 +181,6 @@ class Trainer:
         self.outcome.rows = list(state["rows"])
         self.stats = dict(state["stats"])
         self.finite.fill_(state["finite"])
-        self.last_recorded = state["last_recorded"]
         self.problem.load_state_dict(state["problem"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -199,7 +201,6 @@ class Trainer:
         }
         row.update({k: _scalar(v) for k, v in self.stats.items() if k != "loss"})
         outcome.rows.append(row)
-        self.last_recorded = outcome.steps
         self.on_row(row)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)

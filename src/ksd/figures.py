@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ksd.collect import final_rows, select
+from ksd.collect import final_rows, first_value, higher_is_better, select
+from ksd.results import atomic_write
 
 COLORS = {
     "ksd": "#d62728",
@@ -115,10 +116,8 @@ def experiment_info(rows: pd.DataFrame) -> dict[str, Any]:
     """The experiment's description from its runs' configs, with defaults for plain sweeps."""
 
     def first(key: str, default: Any) -> Any:
-        column = f"experiment.{key}"
-        if column in rows and rows[column].notna().any():
-            return rows[column].dropna().iloc[0]
-        return default
+        value = first_value(rows, f"experiment.{key}")
+        return default if value is None else value
 
     return {
         "paper": first("paper", ""),
@@ -129,17 +128,24 @@ def experiment_info(rows: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def draw(rows: pd.DataFrame, selection: pd.DataFrame, title: str, path: Path) -> list[Path]:
-    """One paper-style figure of the selected runs in ``rows``; writes ``path``.png and .pdf."""
+def draw(
+    rows: pd.DataFrame,
+    selection: pd.DataFrame,
+    info: dict[str, Any],
+    reported: dict[str, dict[str, float]],
+    title: str,
+    path: Path,
+) -> list[Path]:
+    """One paper-style figure of the selected runs in ``rows``; writes ``path``.png and .pdf.
+
+    ``info`` is :func:`experiment_info` of ``rows``, ``reported`` their :func:`reported_values`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    info = experiment_info(rows)
     train, test = info["train_metric"], info["test_metric"]
-    dataset = rows["dataset"].dropna().iloc[0] if rows["dataset"].notna().any() else None
-    reported = reported_values(rows, dataset)
     panels = [
         ("wall_time", train, "training time [s]"),
         ("epoch", train, "epochs"),
@@ -171,7 +177,7 @@ def draw(rows: pd.DataFrame, selection: pd.DataFrame, title: str, path: Path) ->
             )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric_label(y))
-        if not y.endswith("_accuracy"):
+        if not higher_is_better(y):
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         if ax is axes[0] or papers:
@@ -183,21 +189,26 @@ def draw(rows: pd.DataFrame, selection: pd.DataFrame, title: str, path: Path) ->
     for suffix in (".png", ".pdf"):
         out = path.with_suffix(suffix)
         # no creation date in the PDF: regenerating unchanged results leaves the files unchanged
-        fig.savefig(out, dpi=120, metadata={"CreationDate": None} if suffix == ".pdf" else None)
+        metadata = {"CreationDate": None} if suffix == ".pdf" else None
+
+        def save(f: Any, kind: str = suffix[1:], metadata: dict | None = metadata) -> None:
+            fig.savefig(f, format=kind, dpi=120, metadata=metadata)
+
+        atomic_write(out, save, binary=True)
         written.append(out)
     plt.close(fig)
     return written
 
 
-def markdown_table(rows: pd.DataFrame, selection: pd.DataFrame) -> str:
-    """Final metrics of the selected settings, time to target and the paper's numbers, as markdown."""
-    info = experiment_info(rows)
+def markdown_table(
+    selection: pd.DataFrame, info: dict[str, Any], reported: dict[str, dict[str, float]]
+) -> str:
+    """Final metrics of the selected settings, time to target and the paper's numbers, as markdown
+    (``info`` and ``reported`` as for :func:`draw`)."""
     train, test = info["train_metric"], info["test_metric"]
-    dataset = rows["dataset"].dropna().iloc[0] if rows["dataset"].notna().any() else None
-    reported = reported_values(rows, dataset)
     target = info["target"]
     reach = (
-        f"time to {metric_label(train)} {'≥' if train.endswith('accuracy') else '≤'} {target:g}"
+        f"time to {metric_label(train)} {'≥' if higher_is_better(train) else '≤'} {target:g}"
         if (target is not None and math.isfinite(float(target)))
         else "time to target"
     )
@@ -252,16 +263,16 @@ def render(table: pd.DataFrame, figures_dir: Path) -> tuple[list[Path], str]:
             ]
             if chosen.empty:
                 continue
-            info = experiment_info(part)
+            info, reported = experiment_info(part), reported_values(part, dataset)
             name = experiment if len(datasets) == 1 else f"{experiment}_{dataset}"
             scale_text = "" if pd.isna(scale) else f", scale={scale}"
             title = f"{info['paper']}: {info['figure']}" if info["paper"] else name
             if len(datasets) > 1:
                 title += f" [{dataset}]"
-            written += draw(part, chosen, f"{title}{scale_text}", figures_dir / name)
+            written += draw(part, chosen, info, reported, f"{title}{scale_text}", figures_dir / name)
             sections.append(
                 f"### {name}{scale_text}\n\n{info['paper']}: {info['figure']}\n\n"
-                f"![{name}](figures/{name}.png)\n\n{markdown_table(part, chosen)}\n"
+                f"![{name}](figures/{name}.png)\n\n{markdown_table(chosen, info, reported)}\n"
             )
     return written, "\n".join(sections)
 
@@ -275,7 +286,7 @@ def update_readme(readme: Path, section: str) -> None:
         text = head + block + rest.split(END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    readme.write_text(text)
+    atomic_write(readme, lambda f: f.write(text))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -210,14 +210,13 @@ class Problem:
         """Mean loss over ``batch`` and its gradient as a flat vector, at ``theta`` (default: current)."""
         self.counts.gradient += len(batch)
         point = (self.theta if theta is None else theta).detach().requires_grad_()
-        loss_total = point.new_zeros(())
-        grad = torch.zeros_like(point)
+        loss_total = grad = None
         for chunk in batch.chunks(self.max_chunk):
             out = self.outputs(chunk.inputs, point)
             chunk_loss = self.loss_fn.per_example(out, chunk.targets).sum()
             (g,) = torch.autograd.grad(chunk_loss, point)
-            grad += g
-            loss_total += chunk_loss.detach()
+            grad = g if grad is None else grad.add_(g)
+            loss_total = chunk_loss.detach() if loss_total is None else loss_total + chunk_loss.detach()
         return loss_total / len(batch), grad.div_(len(batch))
 
     def backward(self, batch: Batch) -> Tensor:

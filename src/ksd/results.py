@@ -60,9 +60,11 @@ class MetricsWriter:
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
 
-    def append(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        self.columns += [k for k in row if k not in self.columns]
+    def append(self, *rows: dict[str, Any]) -> None:
+        """Add ``rows`` and rewrite the file once."""
+        for row in rows:
+            self.rows.append(row)
+            self.columns += [k for k in row if k not in self.columns]
         atomic_write(self.path, self._write)
 
 

@@ -22,8 +22,8 @@ class CSVLogger:
 
     def __init__(self, out_dir: Path, previous_rows: list[dict[str, Any]] = ()) -> None:
         self.writer = MetricsWriter(Path(out_dir) / "metrics.csv")
-        for row in previous_rows:  # a resumed run rewrites the rows of its checkpoint first
-            self.writer.append(row)
+        if previous_rows:  # a resumed run rewrites the rows of its checkpoint first
+            self.writer.append(*previous_rows)
 
     def log(self, row: dict[str, Any]) -> None:
         self.writer.append(row)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ksd.models.layers import ACTIVATIONS
+from ksd.models.layers import ACTIVATIONS, dense_stack
 
 
 def _conv_block(
@@ -31,11 +31,7 @@ def _head(
 ) -> nn.Sequential:
     with torch.no_grad():
         flat = features(torch.zeros(1, *input_shape)).numel()
-    layers: list[nn.Module] = [nn.Flatten()]
-    for n_in, n_out in zip([flat, *widths], widths):
-        layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
-    layers.append(nn.Linear(widths[-1] if widths else flat, num_classes))
-    return nn.Sequential(*features, *layers)
+    return nn.Sequential(*features, nn.Flatten(), *dense_stack([flat, *widths, num_classes], activation))
 
 
 def cnn_2c2d(input_shape: tuple[int, ...], activation: str, num_classes: int) -> nn.Sequential:
