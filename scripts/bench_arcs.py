@@ -4,9 +4,13 @@
 decoder, 2.8 M parameters) with mini-batches of 1000: ARCs-LSR1 for m = 5, 10, 20, 40, L-BFGS
 (``ksd.optim.lbfgs.LBFGS``, ``line_search: none``, so like ARCs-LSR1 it takes exactly two gradients per step:
 at θ and at θ + s on the same batch) for m = 5 and 20, and Adam. Each quasi-Newton optimizer first runs
-``m + 3`` steps so that its memory is full, then the median of ``repeats`` timed steps is reported
-(the device synchronised around each step). Real MNIST when ``$KSD_DATA`` holds it, otherwise random
-images of the same shape (timing does not depend on the pixel values).
+``m + 3`` steps so that its memory is full. Every ratio comes from interleaved timing
+(``bench_common.paired_step_times``): ``repeats`` blocks of three steps of ARCs-LSR1 alternate with blocks
+of three steps of its baseline (the device synchronised around each step), and the ratio of the two medians
+is reported, so both are measured under the same load on a shared machine. The baselines: L-BFGS with the
+same m and Adam (m = 5 and 20), and for every m two gradient passes on one fixed batch, which gives the
+ARCs-LSR1 step times of the m-fit. Real MNIST when ``$KSD_DATA`` holds it, otherwise random images of the
+same shape (timing does not depend on the pixel values).
 
 The growth with m is fitted as ``t(m) ∝ m^p`` (least squares on log-log) twice: for the whole step and for
 its overhead over the two gradient passes, where the O(nm) products with the stored pairs live.
@@ -18,12 +22,10 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from bench_common import mnist_autoencoder_problem, sync
+from bench_common import log_log_slope, mnist_autoencoder_problem, paired_step_times
 
 from ksd.optim.arcs_lsr1 import ARCsLSR1
 from ksd.optim.first_order import Adam
@@ -34,24 +36,6 @@ BATCH = 1000
 MEMORIES = (5, 10, 20, 40)
 
 
-def timed(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``step()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def power_law_exponent(memories: list[int], times: list[float]) -> float:
-    return float(np.polyfit(np.log(memories), np.log(times), 1)[0])
-
-
 def run(device: str | torch.device = "cpu", repeats: int | None = None) -> list[dict]:
     device = torch.device(device)
     repeats = repeats or (20 if device.type == "cuda" else 5)
@@ -59,39 +43,54 @@ def run(device: str | torch.device = "cpu", repeats: int | None = None) -> list[
     def problem():
         return mnist_autoencoder_problem(device, TRAIN_SIZE)
 
-    adam = timed(Adam(problem(), Adam.Config(batch_size=BATCH)).step, device, 3, repeats)
-    lbfgs, arcs, pairs = {}, {}, {}
-    for m in (5, 20):
-        config = LBFGS.Config(batch_size=BATCH, history_size=m, line_search="none", lr=0.1)
-        optimizer = LBFGS(problem(), config)
-        lbfgs[m] = timed(optimizer.step, device, m + 3, repeats)
-    for m in MEMORIES:
-        optimizer = ARCsLSR1(problem(), ARCsLSR1.Config(batch_size=BATCH, history_size=m))
-        arcs[m] = timed(optimizer.step, device, m + 3, repeats)
-        pairs[m] = len(optimizer.memory)
+    def medians(step: Callable[[], object], baseline: Callable[[], object], warmup: int) -> tuple[float, ...]:
+        """Median seconds of ``step`` and of ``baseline``, timed in alternating blocks after the warm-up."""
+        times, baseline_times = paired_step_times(step, baseline, device, warmup, repeats)
+        return statistics.median(times), statistics.median(baseline_times)
+
+    adam = Adam(problem(), Adam.Config(batch_size=BATCH))
+    for _ in range(3):
+        adam.step()
     # what every quasi-Newton step here spends on the network: two gradients on one batch
     p = problem()
     batch = p.next_batch(BATCH)
-    two_gradients = timed(lambda: (p.loss_and_grad(batch), p.loss_and_grad(batch)), device, 3, repeats)
+
+    def two_gradients() -> None:
+        p.loss_and_grad(batch)
+        p.loss_and_grad(batch)
+
+    two_gradients()
+    arcs, gradients, pairs, lbfgs, vs_adam = {}, {}, {}, {}, {}
+    for m in MEMORIES:
+        optimizer = ARCsLSR1(problem(), ARCsLSR1.Config(batch_size=BATCH, history_size=m))
+        arcs[m], gradients[m] = medians(optimizer.step, two_gradients, m + 3)
+        pairs[m] = len(optimizer.memory)
+        if m in (5, 20):
+            config = LBFGS.Config(batch_size=BATCH, history_size=m, line_search="none", lr=0.1)
+            baseline = LBFGS(problem(), config)
+            # (L-BFGS time, ARCs time), L-BFGS warmed up by the call until its memory is full
+            lbfgs[m] = medians(baseline.step, optimizer.step, m + 3)
+            vs_adam[m] = medians(optimizer.step, adam.step, 0)
     where = (f"{device.type}, {p.splits.spec.source}, {p.n_params:,} parameters, batch {BATCH}, "
-             f"median of {repeats}")
+             f"medians of {3 * repeats} steps in alternating blocks of 3")
     rows = []
     for m in (5, 20):
-        rows.append({"name": f"arcs_lsr1 / lbfgs step, m={m}", "ratio": arcs[m] / lbfgs[m],
-                     "detail": f"{arcs[m] * 1e3:.1f} ms / {lbfgs[m] * 1e3:.1f} ms "
+        (lbfgs_time, arcs_time), (arcs_time_a, adam_time) = lbfgs[m], vs_adam[m]
+        rows.append({"name": f"arcs_lsr1 / lbfgs step, m={m}", "ratio": arcs_time / lbfgs_time,
+                     "detail": f"{arcs_time * 1e3:.1f} ms / {lbfgs_time * 1e3:.1f} ms "
                                f"(L-BFGS line_search=none); {where}"})
-        rows.append({"name": f"arcs_lsr1 / adam step, m={m}", "ratio": arcs[m] / adam,
-                     "detail": f"{arcs[m] * 1e3:.1f} ms / {adam * 1e3:.1f} ms; {where}"})
+        rows.append({"name": f"arcs_lsr1 / adam step, m={m}", "ratio": arcs_time_a / adam_time,
+                     "detail": f"{arcs_time_a * 1e3:.1f} ms / {adam_time * 1e3:.1f} ms; {where}"})
     memories = list(MEMORIES)
     totals = [arcs[m] for m in memories]
-    overheads = [arcs[m] - two_gradients for m in memories]
+    overheads = [arcs[m] - gradients[m] for m in memories]
     per_m = ", ".join(f"m={m}: {arcs[m] * 1e3:.1f} ms ({pairs[m]} pairs)" for m in memories)
     rows.append({"name": "arcs_lsr1 step time ∝ m^p (whole step)",
-                 "ratio": power_law_exponent(memories, totals), "detail": f"{per_m}; {where}"})
+                 "ratio": log_log_slope(memories, totals), "detail": f"{per_m}; {where}"})
     rows.append({"name": "arcs_lsr1 step time ∝ m^p (overhead over 2 gradients)",
-                 "ratio": power_law_exponent(memories, overheads) if min(overheads) > 0 else float("nan"),
-                 "detail": ", ".join(f"m={m}: {o * 1e3:.1f} ms" for m, o in zip(memories, overheads))
-                 + f"; two gradients {two_gradients * 1e3:.1f} ms; {where}"})
+                 "ratio": log_log_slope(memories, overheads) if min(overheads) > 0 else float("nan"),
+                 "detail": ", ".join(f"m={m}: {o * 1e3:.1f} ms (two gradients {gradients[m] * 1e3:.1f} ms)"
+                                     for m, o in zip(memories, overheads)) + f"; {where}"})
     return rows
 
 

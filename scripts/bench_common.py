@@ -1,9 +1,14 @@
-"""Helpers shared by the benchmark scripts: the MNIST autoencoder problem, device sync and printing."""
+"""Helpers shared by the benchmark scripts: the MNIST autoencoder problem, device sync, timing, log-log
+fits and printing."""
 
 from __future__ import annotations
 
 import functools
+import math
 import os
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +28,43 @@ def resolve_device(name: str = "auto") -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one ``fn()``, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired_step_times(
+    step: Callable[[], object],
+    baseline: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    block: int = 3,
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``repeats × block`` calls of ``step`` after ``warmup`` calls and as many ``baseline`` calls
+    (e.g. an Adam step), in alternating blocks of ``block`` calls: both are measured under the same load on a
+    shared machine, and each method runs consecutive steps as in training (the medians discount the first
+    step of a block, which starts with the other method's data in the caches)."""
+    for _ in range(warmup):
+        step()
+    times, baseline_times = [], []
+    for _ in range(repeats):
+        baseline_times += [seconds(baseline, device) for _ in range(block)]
+        times += [seconds(step, device) for _ in range(block)]
+    return times, baseline_times
+
+
+def log_log_slope(sizes: list[float], times: list[float]) -> float:
+    """Exponent ``p`` of ``time ∝ size^p``: the least-squares slope of log(time) against log(size)."""
+    xs, ys = [math.log(s) for s in sizes], [math.log(t) for t in times]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 @functools.lru_cache(maxsize=8)

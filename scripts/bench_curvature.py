@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from bench_common import mnist_autoencoder_problem, print_rows, resolve_device, sync
+from bench_common import mnist_autoencoder_problem, print_rows, resolve_device, seconds
 
 from ksd.curvature import (
     ggn_operator,
@@ -40,14 +38,6 @@ from ksd.curvature import (
 BATCH = 1000
 REPEATS = 7
 K = 8
-
-
-def seconds(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def run(device: str | torch.device = "cpu") -> list[dict]:

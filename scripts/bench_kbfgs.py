@@ -42,37 +42,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import mnist_autoencoder_problem, print_rows, resolve_device, state_bytes, sync
+from bench_common import (
+    mnist_autoencoder_problem,
+    paired_step_times,
+    print_rows,
+    resolve_device,
+    state_bytes,
+    sync,
+)
 
 from ksd.optim import optimizer_class
 from ksd.optim.base import Optimizer
 
 BATCH = 1000
 TRAIN_SIZE = 10_000
-
-
-def seconds_of_step(optimizer: Optimizer, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    optimizer.step()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def paired_step_times(
-    optimizer: Optimizer, adam: Optimizer, device: torch.device, warmup: int, repeats: int, block: int = 3
-) -> tuple[list[float], list[float]]:
-    """Seconds of ``repeats × block`` steps of ``optimizer`` after ``warmup`` steps and as many Adam steps,
-    in alternating blocks of ``block`` steps: both are measured under the same load on a shared machine,
-    and each method runs consecutive steps as in training (the medians discount the first step of a block,
-    which starts with the other method's data in the caches)."""
-    for _ in range(warmup):
-        optimizer.step()
-    times, adam_times = [], []
-    for _ in range(repeats):
-        adam_times += [seconds_of_step(adam, device) for _ in range(block)]
-        times += [seconds_of_step(optimizer, device) for _ in range(block)]
-    return times, adam_times
 
 
 def phase_seconds(optimizer: Optimizer, device: torch.device, repeats: int) -> dict[str, float]:
@@ -140,12 +123,12 @@ def run(device: torch.device, repeats: int = 7) -> list[dict]:
         opt = make(name, device, **overrides)
         if name == "kfac":  # amortised: one full inversion period, one step of which refreshes the inverses
             period = opt.config.inverse_every
-            times, adam_times = paired_step_times(opt, adam, device, period + 1, 1, block=period)
+            times, adam_times = paired_step_times(opt.step, adam.step, device, period + 1, 1, block=period)
             seconds, adam_time = statistics.mean(times), statistics.mean(adam_times)
             how = f"means of {period} steps (one inverse refresh)"
         else:  # K-BFGS(L): warm up until its ring buffers are full (steady-state cost)
             warmup = getattr(opt.config, "history_size", 1) + 1
-            times, adam_times = paired_step_times(opt, adam, device, warmup, repeats)
+            times, adam_times = paired_step_times(opt.step, adam.step, device, warmup, repeats)
             seconds, adam_time = statistics.median(times), statistics.median(adam_times)
             how = f"medians of {3 * repeats} steps in alternating blocks of 3, after {warmup} warm-up steps"
         rows.append(

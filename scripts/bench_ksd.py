@@ -17,45 +17,18 @@ statistic). A warm-up iteration runs first, so the timed one has the previous st
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_common import mnist_autoencoder_problem, sync
 
-from ksd.data import DataSpec, Split, Splits, load_dataset
-from ksd.losses import build_loss
-from ksd.models.autoencoder import PAPER_WIDTHS, autoencoder
 from ksd.optim.ksd import KrylovSubspaceDescent
-from ksd.problem import Problem
 
 GRADIENT_BATCH = 10_000
 SUBSET = 2_500
 PHASES = ("gradient", "build_basis", "minimize_in_subspace")
-
-
-def mnist_autoencoder(device: torch.device) -> tuple[Problem, str]:
-    """The MNIST autoencoder problem on 10,000 real (or random) training images."""
-    root = os.environ.get("KSD_DATA")
-    if root:
-        splits = load_dataset(
-            "mnist", root, val_size=0, train_size=GRADIENT_BATCH, test_size=10, device=device
-        )
-        data = "real MNIST"
-    else:
-        images = torch.rand(GRADIENT_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
-        empty = Split(images[:0], None)
-        splits = Splits(Split(images, None), empty, empty, DataSpec("mnist", (1, 28, 28), None, "random"))
-        data = "random images (set KSD_DATA for MNIST)"
-    torch.manual_seed(0)
-    model = autoencoder((1, 28, 28), PAPER_WIDTHS["mnist"], "sigmoid").to(device)
-    return Problem(model, build_loss("sigmoid_cross_entropy"), splits, autoencoder=True), data
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_step(
@@ -66,10 +39,10 @@ def timed_step(
 
     def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            synchronize(device)
+            sync(device)
             start = time.perf_counter()
             result = method(*args, **kwargs)
-            synchronize(device)
+            sync(device)
             seconds[name] += time.perf_counter() - start
             return result
 
@@ -77,10 +50,10 @@ def timed_step(
 
     for name in PHASES:
         setattr(optimizer, name, wrap(name, getattr(optimizer, name)))
-    synchronize(device)
+    sync(device)
     start = time.perf_counter()
     stats = optimizer.step()
-    synchronize(device)
+    sync(device)
     total = time.perf_counter() - start
     for name in PHASES:
         delattr(optimizer, name)
@@ -89,19 +62,21 @@ def timed_step(
     return seconds, stats
 
 
-def build(device: torch.device) -> tuple[KrylovSubspaceDescent, str]:
-    problem, data = mnist_autoencoder(device)
+def build(device: torch.device) -> KrylovSubspaceDescent:
+    """KSD on the MNIST autoencoder (sigmoid, paper widths, seed 0) with 10,000 real (or random) images."""
+    problem = mnist_autoencoder_problem(device, GRADIENT_BATCH)
     config = KrylovSubspaceDescent.Config(batch_size=GRADIENT_BATCH, curvature_size=SUBSET, bfgs_size=SUBSET)
-    return KrylovSubspaceDescent(problem, config), data
+    return KrylovSubspaceDescent(problem, config)
 
 
 def run(device: str | torch.device = "cpu") -> list[dict]:
     device = torch.device(device)
-    optimizer, data = build(device)
+    optimizer = build(device)
     optimizer.step()  # warm-up; gives the timed iteration a previous step
     seconds, stats = timed_step(optimizer, device)
+    problem = optimizer.problem
     setting = (
-        f"MNIST AE ({optimizer.problem.n_params / 1e6:.2f} M params, {data}), {device.type}, "
+        f"MNIST AE ({problem.n_params / 1e6:.2f} M params, {problem.splits.spec.source}), {device.type}, "
         f"gradient batch {GRADIENT_BATCH}, |C| = |B| = {SUBSET}, K = {optimizer.config.krylov_dim}, "
         f"{torch.get_num_threads()} threads"
     )
@@ -132,12 +107,12 @@ def profile(device: torch.device) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    optimizer, _ = build(device)
+    optimizer = build(device)
     optimizer.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         optimizer.step()
-        synchronize(device)
+        sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30))
 
