@@ -8,9 +8,17 @@ independent implementation), per layer and step:
    model's predictive distribution gives per-example pre-activation gradients ``δ̃`` (the Fisher,
    ``matrix_name = 'Fisher'``; the authors run a second forward on the same examples, which gives the
    same values);
-2. factors as moving averages with ``ρ_i = min(1 − 1/(i+1), 0.9)`` (so step 0 takes the batch's
-   factors; the authors' pre-training pass over the data is overwritten by it and is therefore
-   skipped here): ``A ← ρ_i A + (1 − ρ_i)(1/N) Σ ā āᵀ``, ``G ← ρ_i G + (1 − ρ_i) mean δ̃ δ̃ᵀ``;
+2. factors as moving averages ``A ← ρ_i A + (1 − ρ_i)(1/N) Σ ā āᵀ``,
+   ``G ← ρ_i G + (1 − ρ_i) mean δ̃ δ̃ᵀ``. ``optimizer.factor_init`` chooses where they start:
+
+   * ``data_pass`` (default, the authors' code): before step 0, ``A`` and ``G`` are the averages of
+     the per-batch factors over one pass of the training set in file order, in batches of
+     ``batch_size`` with sampled targets (``training_utils.train_initialization``), and every step
+     uses the constant ``ρ_i = 0.9`` (``kfac_utils.kfac_update``: ``rho = kfac_rho``; the
+     ``min(1 − 1/(i+1), ρ)`` ramp there is commented out);
+   * ``first_batch`` (Martens & Grosse 2015, §5): no pass, ``ρ_i = min(1 − 1/(i+1), 0.9)``, so step 0
+     takes the first batch's factors.
+
 3. damped inverses ``(A + π_A I)⁻¹``, ``(G + π_G I)⁻¹`` with ``π_A = π_G = √λ`` for linear layers
    (the authors' ``phi_ = 1``) and the 2022 spatial split ``√λ·√|T|``, ``√λ/√|T|`` for conv layers
    (:meth:`~ksd.optim.kronecker.KroneckerLayer.damping`), recomputed at steps ``i ≤ T_inv`` and
@@ -62,7 +70,8 @@ class KFAC(KroneckerOptimizer):
         name: str = "kfac"
         lr: float = 1.0
         damping: float = 3.0
-        factor_decay: float = 0.9  # upper bound of ρ_i in the factors' moving averages
+        factor_decay: float = 0.9  # ρ of the factors' moving averages (the ramp's bound with first_batch)
+        factor_init: str = "data_pass"  # data_pass (authors' code) | first_batch (Martens & Grosse)
         inverse_every: int = 20  # T_inv: refresh the damped inverses every this many steps
 
         def __post_init__(self) -> None:
@@ -70,6 +79,10 @@ class KFAC(KroneckerOptimizer):
             require(
                 0 <= self.factor_decay < 1,
                 f"optimizer.factor_decay must be in [0, 1), got {self.factor_decay}.",
+            )
+            require(
+                self.factor_init in ("data_pass", "first_batch"),
+                f"optimizer.factor_init must be data_pass or first_batch, got {self.factor_init!r}.",
             )
             require(
                 self.inverse_every >= 1, f"optimizer.inverse_every must be >= 1, got {self.inverse_every}."
@@ -93,19 +106,33 @@ class KFAC(KroneckerOptimizer):
         super().load_state_dict(state_dict)
         self.generator.set_state(state_dict["generator"])
 
+    def _sampled_targets(self, outputs: Tensor) -> Tensor:
+        return sample_targets(self.problem.loss_fn, outputs, self.generator)
+
+    def _average_factors_over_the_data(self) -> None:
+        """``A``, ``G`` = means of the per-batch factors over one pass of the training set in file order."""
+        st, problem = self.state, self.problem
+        size = self.config.batch_size or problem.n_train
+        for j, chunk in enumerate(problem.full_batch.chunks(size)):
+            if len(chunk) < size:  # the authors' pass stops at the last full batch
+                break
+            record = self.layers.forward_backward(chunk, gradient=False, sampled_targets=self._sampled_targets)
+            decay = j / (j + 1)
+            for index, (layer, rec) in enumerate(zip(self.layers, record.layers)):
+                layer.update_input_second_moment_(st["A"][index], rec, record.examples, decay)
+                layer.update_output_grad_second_moment_(st["G"][index], rec, decay)
+
     def step(self) -> dict:
         c, st, problem = self.config, self.state, self.problem
         i = st["step"]
         lr = self.learning_rate()  # from the epoch reached before this step's batch
+        if i == 0 and c.factor_init == "data_pass":
+            self._average_factors_over_the_data()
         batch = self.next_batch()
-        record = self.layers.forward_backward(
-            batch,
-            gradient=True,
-            sampled_targets=lambda out: sample_targets(problem.loss_fn, out, self.generator),
-        )
+        record = self.layers.forward_backward(batch, gradient=True, sampled_targets=self._sampled_targets)
         loss, grad = self.regularized(record.loss, record.grad)
         momentum = self.momentum_gradient(grad)
-        rho = min(1 - 1 / (i + 1), c.factor_decay)
+        rho = c.factor_decay if c.factor_init == "data_pass" else min(1 - 1 / (i + 1), c.factor_decay)
         refresh = i <= c.inverse_every or i % c.inverse_every == 0
         if refresh:
             st["A_inv"], st["G_inv"] = [], []
