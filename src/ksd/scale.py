@@ -1,4 +1,4 @@
-"""``scale=cpu|paper``: one experiment config, two sizes.
+"""``scale=cpu|paper|paper_epochs``: one experiment config, three sizes.
 
 An experiment config (``conf/experiment/*.yaml``) writes every size-dependent value as
 ``${by_scale:CPU_VALUE,PAPER_VALUE}``; the root key ``scale`` (``cpu`` by default, ``scale=paper``
@@ -8,6 +8,15 @@ on the command line) picks one when the value is read::
       train_size: ${by_scale:2000,null}   # 2,000 examples on a laptop, the full set for the paper
     run:
       max_seconds: ${by_scale:30,500}
+
+A third value, ``${by_scale:CPU,PAPER,PAPER_EPOCHS}``, is taken at ``scale=paper_epochs``: the papers'
+data sizes and settings with the papers' *epoch counts* instead of their (GPU) time budgets, so that a
+CPU, slower per step, trains as far as the paper did. Without a third value ``paper_epochs`` takes
+``PAPER``::
+
+    run:
+      max_seconds: ${by_scale:20,500,null}   # no time limit at scale=paper_epochs
+      max_epochs: ${by_scale:null,null,62}
 
 The resolver is registered when :mod:`ksd` is imported, so Hydra (``ksd-run``), launcher workers
 that unpickle a job, ``hydra.compose`` in tests and :mod:`ksd.collect` all resolve the same values.
@@ -19,17 +28,22 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-SCALES = ("cpu", "paper")
+SCALES = ("cpu", "paper", "paper_epochs")
+_UNSET = object()
 
 
-def by_scale(cpu: Any, paper: Any, *, _root_: Any) -> Any:
-    """``cpu`` or ``paper``, after the root key ``scale``."""
+def by_scale(cpu: Any, paper: Any, paper_epochs: Any = _UNSET, *, _root_: Any) -> Any:
+    """``cpu``, ``paper`` or ``paper_epochs`` (default: ``paper``), after the root key ``scale``."""
     if "scale" not in _root_:
         raise ValueError("${by_scale:...} needs the root key `scale` (conf/config.yaml).")
     scale = _root_.scale
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}.")
-    return cpu if scale == "cpu" else paper
+    if scale == "cpu":
+        return cpu
+    if scale == "paper_epochs" and paper_epochs is not _UNSET:
+        return paper_epochs
+    return paper
 
 
 def register_resolvers() -> None:
