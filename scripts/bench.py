@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from bench_common import print_rows, resolve_device
 
 from ksd.results import atomic_write, write_json
 
-TOPICS = ["engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs"]
+TOPICS = ["engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs", "authors"]
 
 
 def main() -> None:
@@ -31,7 +32,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--only", nargs="*", choices=TOPICS, help="run only these benchmarks")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
+    parser.add_argument(
+        "--authors",
+        help="checkout of renyiryry/kbfgs_neurips2020_public: our epoch time / theirs (bench_authors.py)",
+    )
     args = parser.parse_args()
+    if args.authors:
+        os.environ["KBFGS_AUTHORS"] = args.authors
     device = resolve_device(args.device)
     rows: list[dict] = []
     for topic in args.only or TOPICS:

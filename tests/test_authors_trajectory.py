@@ -13,6 +13,7 @@ trajectory by more than 1e-3 (the last test checks two of them).
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def initial_weights(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]
     """PyTorch's default Linear distribution U(±1/√fan_in), drawn with NumPy (W then b, layer by layer)."""
     rng = np.random.RandomState(0)
     weights = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+    for n_in, n_out in itertools.pairwise(sizes):
         bound = 1 / np.sqrt(n_in)
         w, b = rng.uniform(-bound, bound, (n_out, n_in)), rng.uniform(-bound, bound, n_out)
         weights.append((torch.tensor(w), torch.tensor(b)))
@@ -77,7 +78,9 @@ def trajectory(images: torch.Tensor, method: str, **options) -> dict[str, np.nda
     problem = Problem(model, build_loss("sigmoid_cross_entropy"), splits, autoencoder=True, seed=0)
     settings = PROBLEM["settings"][method]
     cls = OPTIMIZERS[method]
-    optimizer = cls(problem, cls.Config(batch_size=BATCH, lr=settings["lr"], damping=settings["damping"], **options))
+    optimizer = cls(
+        problem, cls.Config(batch_size=BATCH, lr=settings["lr"], damping=settings["damping"], **options)
+    )
     losses, norms = [], []
     for index in batch_indices():
         batch = Batch(images[index], images[index])
@@ -86,7 +89,12 @@ def trajectory(images: torch.Tensor, method: str, **options) -> dict[str, np.nda
         losses.append(float(problem.loss(batch)))
         optimizer.step()
         step = problem.unflatten(problem.theta - before)
-        norms.append([float(torch.cat([step[f"{k}.weight"].flatten(), step[f"{k}.bias"]]).norm()) for k in _names(model)])
+        norms.append(
+            [
+                float(torch.cat([step[f"{k}.weight"].flatten(), step[f"{k}.bias"]]).norm())
+                for k in _names(model)
+            ]
+        )
     return {"loss": np.array(losses), "step_norms": np.array(norms)}
 
 

@@ -40,7 +40,8 @@ def explicit_factors(
 
 def test_factors_and_update_equal_dense_formulas():
     problem = mlp_problem()
-    opt = KFAC(problem, KFAC.Config(batch_size=300, lr=0.7))  # full batch: the same examples every step
+    # full batch: the same examples every step; Martens & Grosse's ramp ρ_i = min(1 − 1/(i+1), 0.9)
+    opt = KFAC(problem, KFAC.Config(batch_size=300, lr=0.7, factor_init="first_batch"))
     batch = problem.full_batch
     for _ in range(2):
         opt.step()
@@ -66,6 +67,32 @@ def test_factors_and_update_equal_dense_formulas():
         dense = torch.linalg.solve(torch.kron(a, g), m.T.reshape(-1))
         dw, db = layer.matrix_views(step)
         torch.testing.assert_close(torch.cat([dw, db[:, None]], 1).T.reshape(-1), -0.7 * dense)
+
+
+def test_data_pass_starts_from_the_factors_averaged_over_the_training_set():
+    """The authors' initialisation: A, G = means of the per-batch factors (file order), then ρ = 0.9."""
+    problem = mlp_problem()
+    opt = KFAC(problem, KFAC.Config(batch_size=100))
+    start = opt.generator.get_state()
+    generator = torch.Generator().set_state(start)
+    passes = []
+    for chunk in problem.full_batch.chunks(100):  # 3 batches of 100, each one draw of sampled targets
+        passes.append(explicit_factors(problem, chunk, generator.get_state()))
+        generator.set_state(_after_one_draw(generator, len(chunk)))
+    batch = problem.next_batch(100)
+    problem.next_batch = lambda size: batch
+    step = explicit_factors(problem, batch, generator.get_state())
+    opt.step()
+    for index in range(len(opt.layers)):
+        for k, name in enumerate("AG"):
+            mean = sum(p[index][k] for p in passes) / len(passes)
+            torch.testing.assert_close(opt.state[name][index], 0.9 * mean + 0.1 * step[index][k])
+
+
+def _after_one_draw(generator: torch.Generator, n: int) -> torch.Tensor:
+    """The generator's state after sampling the targets of ``n`` examples of the toy problem (3 outputs)."""
+    torch.rand((n, 3), generator=generator, dtype=torch.float64)
+    return generator.get_state()
 
 
 def test_inverses_are_refreshed_only_on_schedule():

@@ -35,10 +35,14 @@ approximated by ``A ⊗ G``; the optimizer keeps ``H_a ≈ (A + √λ I)⁻¹`` 
    for K-BFGS, the compact limited-memory form with ``p`` pairs and ``H₀ = I`` for K-BFGS(L));
 6. A side "Hessian-action BFGS": ``u = mean ā`` (homogeneous, last entry 1), ``s_a = H_a u``,
    ``y_a = (A + √λ I) s_a``, inverse BFGS update of ``H_a`` (eq. (9)); this keeps ``H_a`` the
-   damped inverse of the moving ``A`` in the direction that matters most without re-inverting.
-   (The 2020 code appends ``mean(mean(h))`` instead of 1 to ``u``, ``kbfgs_utils.py`` l. 164; we
-   use the homogeneous 1, as the paper's notation and the third-party port do. Any ``u`` gives an
-   exact secant pair ``y_a = A_LM s_a``, only the corrected direction differs.)
+   damped inverse of the moving ``A`` in the direction that matters most without re-inverting
+   (the 2020 code appends 1 to ``mean h`` too; its ``mean(mean(h))`` alternative is commented out).
+
+Checked against the authors' code (``tests/test_authors_trajectory.py``, ``docs/kbfgs_vs_authors.md``):
+from the same weights and batches, in float64, our steps equal theirs to 1e-13 relative after 20 steps
+of the full MNIST autoencoder and to 6e-10 after 30 steps of the reduced one. At α = λ = 0.3 the method
+is unstable for a fraction of initialisations in both codes (float32, no line search): the loss rises for
+a few steps, the activations grow and the run ends in NaN within the first epoch.
 
 With a fresh, noisy ``A_batch`` every step the mini-batch action pulls ``H_a`` below the damped
 inverse of the average A in the directions it does not revisit (it acts as extra damping; see

@@ -116,7 +116,9 @@ class KFAC(KroneckerOptimizer):
         for j, chunk in enumerate(problem.full_batch.chunks(size)):
             if len(chunk) < size:  # the authors' pass stops at the last full batch
                 break
-            record = self.layers.forward_backward(chunk, gradient=False, sampled_targets=self._sampled_targets)
+            record = self.layers.forward_backward(
+                chunk, gradient=False, sampled_targets=self._sampled_targets
+            )
             decay = j / (j + 1)
             for index, (layer, rec) in enumerate(zip(self.layers, record.layers)):
                 layer.update_input_second_moment_(st["A"][index], rec, record.examples, decay)
