@@ -348,3 +348,31 @@ def test_reduces_the_loss_on_mnist(data_root, name, network):
         opt.step()
     after = problem.evaluate(problem.splits.train)["loss"]
     assert after < expected_fraction * before, (before, after)
+
+
+def test_conv_pairs_equal_explicit_spatial_means():
+    """A K-BFGS step on a CNN: the conv layer's (s, y) are the example-and-position means of the change of
+    its outputs and of their per-example gradients between θ and the trial point (2022 paper, §4)."""
+    torch.manual_seed(3)
+    x, y = torch.randn(12, 2, 7, 7, dtype=torch.float64), torch.randint(0, 3, (12,))
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7 * 7, 3)).double()
+    problem = make_problem(model, x, y)
+    opt = KBFGS(problem, KBFGS.Config(batch_size=6, lr=0.2))
+    batch = problem.next_batch(6)
+    problem.next_batch = lambda size: batch
+
+    def outputs_and_deltas(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        named = problem.unflatten(theta.requires_grad_())
+        z = F.conv2d(batch.inputs, named["0.weight"], named["0.bias"], padding=1)
+        z.retain_grad()
+        logits = F.linear(torch.tanh(z).flatten(1), named["3.weight"], named["3.bias"])
+        problem.loss_fn.per_example(logits, batch.targets).sum().backward()  # δ = ∂ℓ_i/∂z_i
+        return z.detach(), z.grad
+
+    z, delta = outputs_and_deltas(problem.theta.detach().clone())
+    opt.step()  # the trial point is the new θ
+    z_new, delta_new = outputs_and_deltas(problem.theta.detach().clone())
+    smoothing = 1 - opt.config.sy_momentum  # s̄ ← 0.9 s̄ + 0.1 s from s̄ = 0
+    torch.testing.assert_close(opt.state["s_avg"][0], smoothing * (z_new - z).mean((0, 2, 3)))
+    torch.testing.assert_close(opt.state["y_avg"][0], smoothing * (delta_new - delta).mean((0, 2, 3)))

@@ -265,6 +265,8 @@ def render(table: pd.DataFrame, figures_dir: Path) -> tuple[list[Path], str]:
                 continue
             info, reported = experiment_info(part), reported_values(part, dataset)
             name = experiment if len(datasets) == 1 else f"{experiment}_{dataset}"
+            if not pd.isna(scale) and scale != "cpu":  # one figure per scale; the cpu set keeps plain names
+                name = f"{name}_{scale}"
             scale_text = "" if pd.isna(scale) else f", scale={scale}"
             title = f"{info['paper']}: {info['figure']}" if info["paper"] else name
             if len(datasets) > 1:
