@@ -60,7 +60,11 @@ def test_by_scale_picks_the_value_of_the_scale():
     paper = validate(compose_config("+experiment=kbfgs_mnist", "scale=paper", "optimizer=sgd"))
     assert (cpu.run.max_seconds, cpu.dataset.train_size, cpu.optimizer.batch_size) == (20, 4000, 500)
     assert (paper.run.max_seconds, paper.dataset.train_size, paper.optimizer.batch_size) == (500, None, 1000)
-    with pytest.raises(ConfigError, match="scale must be one of cpu, paper"):
+    epochs = validate(compose_config("+experiment=kbfgs_mnist", "scale=paper_epochs", "optimizer=kfac"))
+    # the third value where a config gives one (no time limit, the notebook's epochs), else the paper's
+    assert (epochs.run.max_seconds, epochs.run.max_epochs, epochs.dataset.val_size) == (None, 75, 0)
+    assert (epochs.dataset.train_size, epochs.optimizer.batch_size) == (None, 1000)
+    with pytest.raises(ConfigError, match="scale must be one of cpu, paper, paper_epochs"):
         validate(compose_config("+experiment=kbfgs_mnist", "scale=gpu"))
 
 
@@ -91,8 +95,8 @@ def test_grid_list_values_stay_single_values():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_is_a_valid_sweep_at_both_scales(name):
-    for scale in ("cpu", "paper"):
+def test_experiment_is_a_valid_sweep_at_every_scale(name):
+    for scale in ("cpu", "paper", "paper_epochs"):
         jobs, cfg = sweep_jobs(name, scale)
         assert cfg.experiment.name == name and cfg.experiment.paper and cfg.experiment.figure
         assert cfg.hydra.sweep.dir == f"multirun/{name}-{scale}"
