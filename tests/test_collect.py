@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ksd.collect import collect, final_rows, main, select, time_to_target
-from ksd.figures import BEGIN, COLORS, END, color, render, seed_band, update_readme
+from ksd.figures import BEGIN, COLORS, END, color, reference_curves, render, seed_band, update_readme
 
 EXPERIMENT = {
     "name": "toy",
@@ -176,6 +176,24 @@ def test_figures_and_readme_tables(sweep, tmp_path):
     text = readme.read_text()
     assert text.startswith("# Results\n\nhand-written before") and text.endswith("hand-written after\n")
     assert text.count(BEGIN) == 1 and "old" not in text and "![toy](figures/toy.png)" in text
+
+
+def test_paper_epochs_figures_carry_the_scale_and_the_reference_per_epoch(tmp_path):
+    """At scale=paper_epochs the figure's name has the scale, and the reference's epochs sit beside ours."""
+    root = tmp_path / "multirun" / "toy-paper_epochs"
+    for seed, losses in ((0, (10.0, 6.0, 4.0)), (1, (10.0, 8.0, 6.0))):
+        cfg = {**config("sgd", seed, lr=0.1), "scale": "paper_epochs"}
+        rows = [{**row, "epoch": float(i)} for i, row in enumerate(curve(1.0, 0.5, losses))]
+        write_run(root, f"sgd_s{seed}", cfg, "completed", rows)
+    reference = tmp_path / "authors.csv"
+    lines = ["# note", "method,epoch,train_loss,test_loss", "SGD-m,1,6.5,3.25", "SGD-m,2,4.5,2", "KFAC,1,9,9"]
+    reference.write_text("\n".join(lines) + "\n")
+    written, section = render(collect([root]), tmp_path / "figures", reference_curves(reference))
+    assert sorted(p.name for p in written) == ["toy_paper_epochs.pdf", "toy_paper_epochs.png"]
+    # epoch 1: ours 6 and 8 (mean 7), test 1.5 both; epoch 2: 4 and 6 (mean 5), test 0.5
+    assert "| SGD-m | 1 | 6.5 / 7 (2) | 3.25 / 1.5 (2) |" in section
+    assert "| SGD-m | 2 | 4.5 / 5 (2) | 2 / 0.5 (2) |" in section
+    assert "KFAC" not in section.split("Per epoch")[1]  # no run of ours to put beside it
 
 
 def test_optimizer_colours_are_fixed_and_distinct():

@@ -10,7 +10,8 @@ data set, when an experiment sweeps several):
   dashed horizontal lines. An optimizer has the same colour in every figure (:data:`COLORS`).
 - a markdown table in ``results/README.md`` between :data:`BEGIN` and :data:`END` (text around the
   markers is kept): final training and test metric (mean ± std over seeds), time to reach the
-  experiment's training target, and the paper's numbers beside ours.
+  experiment's training target, and the paper's numbers beside ours; at ``scale=paper_epochs`` also the
+  authors' per-epoch numbers (``results/authors_notebook.csv``) beside ours at the same epochs.
 
 Everything comes from the table (each run's configuration holds its experiment's description), so a
 fresh clone regenerates the figures from the committed ``results/runs.parquet`` alone.
@@ -246,8 +247,43 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def render(table: pd.DataFrame, figures_dir: Path) -> tuple[list[Path], str]:
-    """Every figure of the table into ``figures_dir``; returns the files and the markdown section."""
+def reference_curves(path: Path) -> pd.DataFrame | None:
+    """Per-epoch numbers of a paper's own runs (CSV ``method, epoch, <metric>...``; ``#`` lines are notes)."""
+    return pd.read_csv(path, comment="#") if path.exists() else None
+
+
+def epoch_table(rows: pd.DataFrame, reference: pd.DataFrame, metrics: Sequence[str]) -> str:
+    """Markdown: the reference's values at a few epochs beside ours (mean over the runs that evaluated
+    that epoch, with their count), for each optimizer whose label is a reference ``method``."""
+    ours = rows[rows["optimizer"].map(label).isin(set(reference["method"]))]
+    if ours.empty or "epoch" not in ours:
+        return ""
+    epochs = sorted(set(reference["epoch"]) & {1, 2, 3, 5, 10, 20, 30, 40, 50, 62, 75})
+    header = ["method", "epoch", *(f"{metric_label(m)}: theirs / ours (runs)" for m in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for optimizer, runs in ours.groupby("optimizer", sort=True):
+        theirs = reference[reference["method"] == label(optimizer)].set_index("epoch")
+        for epoch in epochs:
+            at = runs[np.isclose(pd.to_numeric(runs["epoch"], errors="coerce"), epoch)]
+            if epoch not in theirs.index or at.empty:
+                continue
+            cells = []
+            for metric in metrics:
+                values = pd.to_numeric(at[metric], errors="coerce")
+                values = values[np.isfinite(values)]
+                mine = f"{values.mean():.4g} ({len(values)})" if len(values) else "— (0)"
+                cells.append(f"{theirs.at[epoch, metric]:.4g} / {mine}")
+            lines.append(f"| {label(optimizer)} | {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def render(
+    table: pd.DataFrame, figures_dir: Path, reference: pd.DataFrame | None = None
+) -> tuple[list[Path], str]:
+    """Every figure of the table into ``figures_dir``; returns the files and the markdown section.
+
+    ``reference`` (:func:`reference_curves`) adds a per-epoch table to the sections at ``scale=paper_epochs``.
+    """
     selection = select(table)
     written: list[Path] = []
     sections = []
@@ -272,9 +308,15 @@ def render(table: pd.DataFrame, figures_dir: Path) -> tuple[list[Path], str]:
             if len(datasets) > 1:
                 title += f" [{dataset}]"
             written += draw(part, chosen, info, reported, f"{title}{scale_text}", figures_dir / name)
+            per_epoch = ""
+            if reference is not None and scale == "paper_epochs":
+                per_epoch = epoch_table(part, reference, [info["train_metric"], info["test_metric"]])
+            if per_epoch:
+                intro = "Per epoch, the authors' runs (`results/authors_notebook.csv`) beside ours:"
+                per_epoch = f"\n{intro}\n\n{per_epoch}\n"
             sections.append(
                 f"### {name}{scale_text}\n\n{info['paper']}: {info['figure']}\n\n"
-                f"![{name}](figures/{name}.png)\n\n{markdown_table(chosen, info, reported)}\n"
+                f"![{name}](figures/{name}.png)\n\n{markdown_table(chosen, info, reported)}\n{per_epoch}"
             )
     return written, "\n".join(sections)
 
@@ -306,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{table_path} not found; collect runs first: ksd-collect multirun/... --out {args.results}/runs"
         )
     table = pd.read_parquet(table_path)
-    written, section = render(table, args.results / "figures")
+    reference = reference_curves(args.results / "authors_notebook.csv")
+    written, section = render(table, args.results / "figures", reference)
     update_readme(args.results / "README.md", section)
     print(f"{len(written)} files in {args.results / 'figures'}; tables in {args.results / 'README.md'}")
 
