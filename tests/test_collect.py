@@ -152,6 +152,19 @@ def test_collect_cli_writes_parquet_csv_and_reports_failures(sweep, tmp_path, ca
     assert set(pd.read_csv(tmp_path / "out" / "runs_selected.csv")["optimizer"]) == {"adam", "sgd"}
 
 
+def test_collect_add_keeps_the_other_experiments_of_the_table(sweep, tmp_path):
+    out = tmp_path / "results" / "runs"
+    main([str(sweep), "--out", str(out)])
+    other = tmp_path / "multirun" / "toy-paper_epochs"
+    cfg = {**config("sgd", 0, lr=0.1), "scale": "paper_epochs"}
+    write_run(other, "sgd_s0", cfg, "completed", curve(1, 1))
+    main([str(other), "--out", str(out), "--add"])
+    table = pd.read_parquet(out.with_name("runs.parquet"))
+    assert table.groupby("scale")["run"].nunique().to_dict() == {"cpu": 8, "paper_epochs": 1}
+    main([str(other), "--out", str(out), "--add"])  # collecting a sweep again replaces its rows
+    assert len(pd.read_parquet(out.with_name("runs.parquet"))) == len(table)
+
+
 def test_seed_band_interpolates_onto_the_common_time_range():
     a = pd.DataFrame({"wall_time": [0.0, 2.0, 4.0], "train_loss": [4.0, 2.0, 0.0]})
     b = pd.DataFrame({"wall_time": [0.0, 1.0], "train_loss": [6.0, 4.0]})

@@ -219,6 +219,14 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def merge_tables(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` plus the rows of ``old`` whose (experiment, scale) ``new`` does not have."""
+    groups = ["experiment", "scale"]
+    replaced = new[groups].astype(str).drop_duplicates().apply(tuple, axis=1)
+    keep = ~old[groups].astype(str).apply(tuple, axis=1).isin(set(replaced))
+    return pd.concat([old[keep], new], ignore_index=True)
+
+
 def write(table: pd.DataFrame, selection: pd.DataFrame, out: Path) -> list[Path]:
     """``out``.parquet and ``out``.csv of the table, ``out``_selected.csv of its selection (atomically)."""
     out = Path(out)
@@ -260,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=Path("results/runs"),
         help="path stem of the outputs: STEM.parquet, STEM.csv, STEM_selected.csv (default results/runs)",
     )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the runs already in STEM.parquet of every experiment and scale not collected now "
+        "(to add one sweep to the committed table without the others' run folders)",
+    )
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -267,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = collect(args.dirs)
     if table.empty:
         parser.error(f"no runs (summary.json or .hydra/config.yaml) below {', '.join(map(str, args.dirs))}")
+    existing = args.out.with_name(args.out.name + ".parquet")
+    if args.add and existing.exists():
+        table = merge_tables(pd.read_parquet(existing), table)
     selection = select(table)
     paths = write(table, selection, args.out)
     print(report(table, selection))
