@@ -19,6 +19,10 @@ independent implementation), per layer and step:
    * ``first_batch`` (Martens & Grosse 2015, §5): no pass, ``ρ_i = min(1 − 1/(i+1), 0.9)``, so step 0
      takes the first batch's factors.
 
+   The default follows the authors' code because this K-FAC is the K-BFGS papers' baseline as they ran
+   it: with ``first_batch`` the first steps precondition with one batch's sampled Fisher, and at their
+   α = 1, λ = 3 the MNIST autoencoder reached NaN by step 30 (``docs/kbfgs_vs_authors.md``).
+
 3. damped inverses ``(A + π_A I)⁻¹``, ``(G + π_G I)⁻¹`` with ``π_A = π_G = √λ`` for linear layers
    (the authors' ``phi_ = 1``) and the 2022 spatial split ``√λ·√|T|``, ``√λ/√|T|`` for conv layers
    (:meth:`~ksd.optim.kronecker.KroneckerLayer.damping`), recomputed at steps ``i ≤ T_inv`` and
