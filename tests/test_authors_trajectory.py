@@ -6,9 +6,9 @@ each method on a reduced MNIST autoencoder in float64, from initial weights and 
 defined by NumPy seeds, so this test rebuilds the same problem without their code.
 
 Tolerance: when the recording was made, our optimizers matched it to 6e-10 (relative, worst step of the
-30); a perturbation of one rounding error (1e-16) grows by about 10⁶ over these steps. 1e-6 leaves room
-for other BLAS builds and thread counts; every deliberate change of the algorithm tried moves the
-trajectory by more than 1e-3 (the last test checks two of them).
+30), a difference that started at rounding level (1e-16) and grew over the steps. 1e-6 leaves room for
+other BLAS builds and thread counts; the two deliberate variants of the last test move the trajectory by
+more than 1e-3.
 """
 
 from __future__ import annotations

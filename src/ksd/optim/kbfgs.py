@@ -39,7 +39,7 @@ approximated by ``A ⊗ G``; the optimizer keeps ``H_a ≈ (A + √λ I)⁻¹`` 
    (the 2020 code appends 1 to ``mean h`` too; its ``mean(mean(h))`` alternative is commented out).
 
 Checked against the authors' code (``tests/test_authors_trajectory.py``, ``docs/kbfgs_vs_authors.md``):
-from the same weights and batches, in float64, our steps equal theirs to 1e-13 relative after 20 steps
+from the same weights and batches, in float64, our steps equal theirs to 3e-13 relative after 20 steps
 of the full MNIST autoencoder and to 6e-10 after 30 steps of the reduced one. At α = λ = 0.3 the method
 is unstable for a fraction of initialisations in both codes (float32, no line search): the loss rises for
 a few steps, the activations grow and the run ends in NaN within the first epoch.
