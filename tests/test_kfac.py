@@ -136,21 +136,3 @@ def test_config_file_lists_every_field():
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(KFAC.Config), yaml))
     assert (config.lr, config.damping, config.factor_decay, config.inverse_every) == (1.0, 3.0, 0.9, 20)
 
-
-def test_adam_kbfgs_variant_matches_the_authors_update():
-    """Adam of the K-BFGS code: v accumulates the squared bias-corrected momentum (two steps by hand)."""
-    from ksd.optim.first_order import Adam
-
-    problem = mlp_problem()
-    config = Adam.Config(batch_size=300, lr=0.01, beta2=0.9, eps=1e-4, weight_decay=1e-5, kbfgs_variant=True)
-    opt = Adam(problem, config)
-    theta, m, v = problem.theta.clone(), torch.zeros_like(problem.theta), torch.zeros_like(problem.theta)
-    for t in (1, 2):
-        _, g = problem.loss_and_grad(problem.full_batch, theta)
-        g = g + 1e-5 * theta
-        m = 0.9 * m + 0.1 * g
-        m_hat = m / (1 - 0.9**t)
-        v = 0.9 * v + 0.1 * m_hat**2
-        theta = theta - 0.01 * m_hat / ((v / (1 - 0.9**t)).sqrt() + 1e-4)
-        opt.step()
-    torch.testing.assert_close(problem.theta, theta)

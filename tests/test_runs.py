@@ -26,6 +26,9 @@ def run(tmp_path, monkeypatch, data_root, *overrides: str) -> tuple[dict, list[d
     [
         ("sgd", ["optimizer.lr=0.05"]),
         ("lbfgs", ["optimizer.batch_size=null"]),
+        ("ncg", ["optimizer.batch_size=null"]),
+        ("rmsprop", []),
+        ("adagrad", []),
     ],
 )
 def test_mnist_autoencoder_learns(tmp_path, monkeypatch, data_root, optimizer, extra):

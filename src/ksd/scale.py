@@ -1,4 +1,4 @@
-"""``scale=cpu|paper|paper_epochs``: one experiment config, three sizes.
+"""``scale=cpu|cpu_long|paper|paper_epochs``: one experiment config, four sizes.
 
 An experiment config (``conf/experiment/*.yaml``) writes every size-dependent value as
 ``${by_scale:CPU_VALUE,PAPER_VALUE}``; the root key ``scale`` (``cpu`` by default, ``scale=paper``
@@ -18,6 +18,14 @@ CPU, slower per step, trains as far as the paper did. Without a third value ``pa
       max_seconds: ${by_scale:20,500,null}   # no time limit at scale=paper_epochs
       max_epochs: ${by_scale:null,null,62}
 
+A fourth value, ``${by_scale:CPU,PAPER,PAPER_EPOCHS,CPU_LONG}``, is taken at ``scale=cpu_long``: budgets
+of tens of minutes per run on the same CPU, long enough for the batch methods to leave the early
+plateaus the 20-second ``cpu`` set ends on. Without a fourth value ``cpu_long`` takes ``CPU``, so an
+experiment only spells out what the long runs change::
+
+    run:
+      max_seconds: ${by_scale:20,3600,3600,720}   # 12 minutes per run at scale=cpu_long
+
 The resolver is registered when :mod:`ksd` is imported, so Hydra (``ksd-run``), launcher workers
 that unpickle a job, ``hydra.compose`` in tests and :mod:`ksd.collect` all resolve the same values.
 """
@@ -28,12 +36,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-SCALES = ("cpu", "paper", "paper_epochs")
+SCALES = ("cpu", "cpu_long", "paper", "paper_epochs")
 _UNSET = object()
 
 
-def by_scale(cpu: Any, paper: Any, paper_epochs: Any = _UNSET, *, _root_: Any) -> Any:
-    """``cpu``, ``paper`` or ``paper_epochs`` (default: ``paper``), after the root key ``scale``."""
+def by_scale(cpu: Any, paper: Any, paper_epochs: Any = _UNSET, cpu_long: Any = _UNSET, *, _root_: Any) -> Any:
+    """``cpu``, ``paper``, ``paper_epochs`` (default: ``paper``) or ``cpu_long`` (default: ``cpu``), after
+    the root key ``scale``."""
     if "scale" not in _root_:
         raise ValueError("${by_scale:...} needs the root key `scale` (conf/config.yaml).")
     scale = _root_.scale
@@ -41,6 +50,8 @@ def by_scale(cpu: Any, paper: Any, paper_epochs: Any = _UNSET, *, _root_: Any) -
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}.")
     if scale == "cpu":
         return cpu
+    if scale == "cpu_long":
+        return cpu if cpu_long is _UNSET else cpu_long
     if scale == "paper_epochs" and paper_epochs is not _UNSET:
         return paper_epochs
     return paper

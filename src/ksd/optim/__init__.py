@@ -16,7 +16,10 @@ from ksd.problem import Problem
 OPTIMIZERS: dict[str, str] = {
     "sgd": "ksd.optim.first_order:SGD",
     "adam": "ksd.optim.first_order:Adam",
+    "rmsprop": "ksd.optim.first_order:RMSprop",
+    "adagrad": "ksd.optim.first_order:AdaGrad",
     "lbfgs": "ksd.optim.lbfgs:LBFGS",
+    "ncg": "ksd.optim.ncg:NonlinearCG",
     "hf": "ksd.optim.hf:HessianFree",
     "ksd": "ksd.optim.ksd:KrylovSubspaceDescent",
     "kbfgs": "ksd.optim.kbfgs:KBFGS",

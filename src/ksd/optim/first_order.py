@@ -1,4 +1,4 @@
-"""First-order baselines: SGD with momentum and Adam, as thin wrappers of ``torch.optim``.
+"""First-order baselines: SGD with momentum, Adam, RMSprop and AdaGrad, as thin wrappers of ``torch.optim``.
 
 They act on ``problem.model.parameters()``, which are views of ``problem.theta``, so a step costs
 exactly what the same ``torch.optim`` step costs in a hand-written loop.
@@ -132,3 +132,138 @@ class KBFGSCodeAdam(torch.optim.Optimizer):
                 state["v"].mul_(beta2).addcmul_(m_hat, m_hat, value=1 - beta2)
                 denominator = (state["v"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(m_hat, denominator, value=-group["lr"])
+
+
+class RMSprop(_TorchOptimizer):
+    """RMSprop (Tieleman & Hinton 2012), ``torch.optim.RMSprop``: ``v ← α v + (1 − α) g²``,
+    ``θ ← θ − lr · g / (√v + ε)`` (with ``momentum``, a heavy-ball buffer of that step).
+
+    ``kbfgs_variant = true``: the RMSprop of the K-BFGS authors' code (``first_order_methods.py``,
+    :class:`KBFGSCodeRMSprop`): the gradient is first averaged, ``m ← ρ m + (1 − ρ) g`` with
+    ``ρ = momentum``, the second moment averages ``m²`` without bias correction, and it starts from the
+    mean of ``g²`` over one pass of the training set in mini-batches (their ``train_initialization``).
+    Their settings: ``alpha = 0.9``, ``eps = 1e-4``, ``momentum = 0.9``.
+    """
+
+    @dataclass
+    class Config(OptimizerConfig):
+        name: str = "rmsprop"
+        batch_size: int | None = 100
+        lr: float = 1e-3
+        alpha: float = 0.99
+        eps: float = 1e-8
+        momentum: float = 0.0
+        centered: bool = False
+        kbfgs_variant: bool = False  # averaged gradient, second moment from it, data-pass start (K-BFGS code)
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.positive("lr", "eps")
+            for key in ("alpha", "momentum"):
+                value = getattr(self, key)
+                require(0 <= value < 1, f"optimizer.{key} must be in [0, 1), got {value}.")
+            require(
+                not (self.kbfgs_variant and self.centered),
+                "optimizer.centered is not part of the K-BFGS code's RMSprop (kbfgs_variant=true).",
+            )
+
+    def _make(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        c = self.config
+        if c.kbfgs_variant:
+            return KBFGSCodeRMSprop(params, c.lr, c.alpha, c.eps, c.momentum, c.weight_decay)
+        return torch.optim.RMSprop(
+            params,
+            lr=c.lr,
+            alpha=c.alpha,
+            eps=c.eps,
+            momentum=c.momentum,
+            centered=c.centered,
+            weight_decay=c.weight_decay,
+        )
+
+    def step(self) -> Stats:
+        if self.config.kbfgs_variant and not self.torch_optimizer.started:
+            self.torch_optimizer.start_from_data_pass(
+                self.problem, self.config.batch_size or self.problem.n_train
+            )
+        return super().step()
+
+
+class KBFGSCodeRMSprop(torch.optim.Optimizer):
+    """``m ← ρ m + (1 − ρ) g``, ``v ← α v + (1 − α) m²``, ``θ ← θ − lr · m / (√v + ε)``; ``g`` includes
+    ``weight_decay · θ`` and ``v`` starts from the data-pass mean of ``g²`` (K-BFGS code, ``RMSprop_update``
+    and ``train_initialization``)."""
+
+    def __init__(self, params, lr: float, alpha: float, eps: float, momentum: float, weight_decay: float):
+        super().__init__(
+            params, {"lr": lr, "alpha": alpha, "eps": eps, "momentum": momentum, "weight_decay": weight_decay}
+        )
+
+    @property
+    def started(self) -> bool:
+        return any(self.state[p] for group in self.param_groups for p in group["params"])
+
+    @torch.no_grad()
+    def start_from_data_pass(self, problem: Problem, batch_size: int) -> None:
+        """``v`` = mean of ``g²`` over the full mini-batches of one pass of the training set in file order
+        (the authors' pass stops at the last full batch; with one batch of everything it is skipped)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            self.state[p].update(m=torch.zeros_like(p), v=torch.zeros_like(p))
+        if batch_size >= problem.n_train:
+            return
+        for j, chunk in enumerate(problem.full_batch.chunks(batch_size)):
+            if len(chunk) < batch_size:
+                break
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                problem.backward(chunk)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    grad = p.grad.add(p, alpha=group["weight_decay"])
+                    self.state[p]["v"].lerp_(grad.square_(), 1 / (j + 1))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if not state:
+                    state.update(m=torch.zeros_like(p), v=torch.zeros_like(p))
+                grad = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+                state["m"].lerp_(grad, 1 - group["momentum"])
+                state["v"].mul_(group["alpha"]).addcmul_(state["m"], state["m"], value=1 - group["alpha"])
+                p.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+class AdaGrad(_TorchOptimizer):
+    """AdaGrad (Duchi, Hazan & Singer 2011), ``torch.optim.Adagrad``: ``v ← v + g²``,
+    ``θ ← θ − lr_t · g / (√v + ε)`` with ``lr_t = lr / (1 + (t − 1) lr_decay)``."""
+
+    @dataclass
+    class Config(OptimizerConfig):
+        name: str = "adagrad"
+        batch_size: int | None = 100
+        lr: float = 0.01
+        lr_decay: float = 0.0
+        initial_accumulator_value: float = 0.0
+        eps: float = 1e-10
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.positive("lr", "eps")
+            for key in ("lr_decay", "initial_accumulator_value"):
+                value = getattr(self, key)
+                require(value >= 0, f"optimizer.{key} must be >= 0, got {value}.")
+
+    def _make(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.Adagrad(
+            params,
+            lr=c.lr,
+            lr_decay=c.lr_decay,
+            initial_accumulator_value=c.initial_accumulator_value,
+            eps=c.eps,
+            weight_decay=c.weight_decay,
+        )
