@@ -91,11 +91,9 @@ class Problem:
         self.counts = WorkCounter()
         self.theta = self._flatten_parameters()
         self.n_params = self.theta.numel()
-        self.n_train = len(splits.train)
         self.generator = torch.Generator().manual_seed(seed)
-        self._order = torch.randperm(self.n_train, generator=self.generator).to(self.device)
-        self._cursor = 0
-        self.full_batch = self.batch(splits.train)
+        self._order, self._cursor = torch.empty(0, dtype=torch.long), 0  # drawn by use_training_data
+        self.use_training_data(splits.train)
 
     # ------------------------------------------------------------------ parameters
     def _flatten_parameters(self) -> Tensor:
@@ -132,24 +130,41 @@ class Problem:
         return self.counts.gradient / self.n_train
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Parameters, work counts and the mini-batch sampler's position and random state."""
-        return {
-            "theta": self.theta.detach().cpu().clone(),
+    def state_dict(self, *, parameters: bool = True) -> dict[str, Any]:
+        """Parameters (unless ``parameters`` is false: the library API leaves them to ``model.state_dict()``),
+        work counts and the mini-batch sampler's position and random state."""
+        state = {
             "counts": dataclasses.asdict(self.counts),
             "generator": self.generator.get_state(),
             "order": self._order.cpu(),
             "cursor": self._cursor,
         }
+        return {"theta": self.theta.detach().cpu().clone(), **state} if parameters else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.theta.copy_(state["theta"])
+        if "theta" in state:
+            self.theta.copy_(state["theta"])
         self.counts = WorkCounter(**state["counts"])
         self.generator.set_state(state["generator"])
         self._order = state["order"].to(self.device)
         self._cursor = state["cursor"]
 
     # ------------------------------------------------------------------ batches
+    def use_training_data(self, split: Split) -> None:
+        """Train on ``split`` from now on: full batch, mini-batches, random subsets and chunks come from it.
+
+        The constructor calls it with the training split; the library API (:mod:`ksd.optim.api`) builds a
+        problem on an empty split and hands every step its data this way. A training set of a new size
+        gets a fresh permutation for :meth:`next_batch` (an empty split draws none), so a problem built
+        without data and then handed the training set follows the same random sequence as one built with it.
+        """
+        self.splits.train = split
+        self.n_train = len(split)
+        self.full_batch = self.batch(split)
+        if len(self._order) != self.n_train:
+            self._order = torch.randperm(self.n_train, generator=self.generator).to(self.device)
+            self._cursor = 0
+
     def batch(self, split: Split, index: Tensor | slice | None = None) -> Batch:
         """The examples ``index`` (all when None) of ``split`` with the targets of this problem."""
         inputs = split.inputs if index is None else split.inputs[index]

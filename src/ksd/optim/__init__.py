@@ -2,6 +2,10 @@
 
 :data:`OPTIMIZERS` maps the ``optimizer.name`` of a config to ``module:Class``; modules are
 imported only when used, so one optimizer's dependencies never slow the others down.
+
+The library API (:mod:`ksd.optim.api`): ``KSD``, ``HessianFree``, ``KBFGS``, ``KBFGSL``, ``KFAC``,
+``ARCsLSR1``, ``LBFGS``, ``NonlinearCG``, ``SGD``, ``Adam``, ``RMSprop``, ``AdaGrad``, each built as
+``KSD(model, loss_fn, **hyperparameters)`` and stepped as ``step(inputs, targets)``, on the same classes.
 """
 
 from __future__ import annotations
@@ -10,6 +14,21 @@ import importlib
 import importlib.util
 
 from ksd.config import ConfigError
+from ksd.optim.api import (
+    KBFGS,
+    KBFGSL,
+    KFAC,
+    KSD,
+    LBFGS,
+    SGD,
+    AdaGrad,
+    Adam,
+    ARCsLSR1,
+    HessianFree,
+    ModelOptimizer,
+    NonlinearCG,
+    RMSprop,
+)
 from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
 from ksd.problem import Problem
 
@@ -47,4 +66,25 @@ def build_optimizer(config: OptimizerConfig, problem: Problem) -> Optimizer:
     return optimizer_class(config.name)(problem, config)
 
 
-__all__ = ["OPTIMIZERS", "Diverged", "Optimizer", "OptimizerConfig", "Stats", "available", "build_optimizer"]
+__all__ = [
+    "KBFGS",
+    "KBFGSL",
+    "KFAC",
+    "KSD",
+    "LBFGS",
+    "OPTIMIZERS",
+    "SGD",
+    "ARCsLSR1",
+    "AdaGrad",
+    "Adam",
+    "Diverged",
+    "HessianFree",
+    "ModelOptimizer",
+    "NonlinearCG",
+    "Optimizer",
+    "OptimizerConfig",
+    "RMSprop",
+    "Stats",
+    "available",
+    "build_optimizer",
+]

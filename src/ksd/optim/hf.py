@@ -131,11 +131,16 @@ class HessianFree(Optimizer):
 
     def __init__(self, problem: Problem, config: Config | None = None) -> None:
         super().__init__(problem, config)
-        require(
-            self.config.num_chunks <= problem.n_train,
-            f"optimizer.num_chunks={self.config.num_chunks} exceeds the {problem.n_train} training examples.",
-        )
+        if problem.n_train:  # refuse a too small training set before training (the library API: each step)
+            self.check_chunks()
         self.state.update(damping=float(self.config.initial_damping), previous_step=None, iteration=0)
+
+    def check_chunks(self) -> None:
+        """Refuse a training set with fewer examples than curvature chunks (checked at every step, because
+        the library API may hand each step data of another size)."""
+        n = self.problem.n_train
+        chunks = self.config.num_chunks
+        require(chunks <= n, f"optimizer.num_chunks={chunks} exceeds the {n} training examples.")
 
     def _objective(self, batch: Batch, theta: Tensor) -> float:
         """``f_batch(θ) + τ/2 ‖θ‖²`` as a float (the comparisons of HF need host scalars).
@@ -149,6 +154,7 @@ class HessianFree(Optimizer):
     def step(self) -> Stats:
         c, st, problem = self.config, self.state, self.problem
         theta, damping = problem.theta, st["damping"]
+        self.check_chunks()
         batch = self.next_batch()
         if c.preconditioner:  # one pass for the gradient and the squared per-example gradients
             loss, grad, squares = loss_gradient_and_squared_gradients(problem, batch)

@@ -188,13 +188,8 @@ class KrylovSubspaceDescent(Optimizer):
     def __init__(self, problem: Problem, config: Config | None = None) -> None:
         super().__init__(problem, config)
         c = self.config
-        half = problem.n_train // 2
-        self.curvature_size = min(c.curvature_size, half)
-        self.bfgs_size = min(c.bfgs_size, half)
-        require(
-            min(self.curvature_size, self.bfgs_size) >= 1,
-            f"KSD needs at least 2 training examples, got {problem.n_train}.",
-        )
+        if problem.n_train:  # refuse a too small training set before training (the library API: each step)
+            self.subset_sizes()
         self.curvature_operator = CURVATURES[c.curvature]
         theta = problem.theta
         # Workspaces, allocated once: the basis (rows v_1 … v_{K+1}), V A Vᵀ and the trial point θ + Vᵀa.
@@ -282,7 +277,7 @@ class KrylovSubspaceDescent(Optimizer):
     def step(self) -> Stats:
         loss, grad = self.gradient()
         self.check_finite(f"loss or gradient at KSD iteration {self.state['iteration']}", loss, grad)
-        curvature_batch, bfgs_batch = self.problem.random_batches(self.curvature_size, self.bfgs_size)
+        curvature_batch, bfgs_batch = self.problem.random_batches(*self.subset_sizes())
         subspace = self.build_basis(grad, curvature_batch)
         minimum = self.minimize_in_subspace(subspace, bfgs_batch)
         V = self.basis[: subspace.size]
@@ -306,6 +301,16 @@ class KrylovSubspaceDescent(Optimizer):
         }
 
     # ------------------------------------------------------------------ pieces
+    def subset_sizes(self) -> tuple[int, int]:
+        """Sizes of the curvature and BFGS subsets: the configured ones, each cut to half the training set.
+
+        Computed at every step, because the library API may hand each step data of another size.
+        """
+        c, n = self.config, self.problem.n_train
+        sizes = min(c.curvature_size, n // 2), min(c.bfgs_size, n // 2)
+        require(min(sizes) >= 1, f"KSD needs at least 2 training examples, got {n}.")
+        return sizes
+
     def _curvature(self, operator: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         """``A v`` for each row of ``vectors``: the curvature ``operator`` plus weight decay."""
         products = operator(vectors)
