@@ -96,7 +96,7 @@ def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert default_root() == tmp_path
     monkeypatch.delenv("KSD_DATA")
     assert default_root() == Path.cwd() / "data"
-    assert DATASETS == ("mnist", "curves", "cifar10")
+    assert {"mnist", "curves", "cifar10", "text"} <= set(DATASETS)
 
 
 def test_unknown_dataset_and_bad_sizes(tmp_path: Path) -> None:

@@ -62,7 +62,16 @@ NOT_RESULT = (
     "run.eval_train_size",
 )
 #: Final metrics reported for a selected setting (those present in the table).
-REPORTED = ("train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error", "test_accuracy")
+REPORTED = (
+    "train_loss",
+    "train_error",
+    "val_loss",
+    "val_error",
+    "test_loss",
+    "test_error",
+    "test_accuracy",
+    "test_perplexity",
+)
 
 
 def find_runs(roots: Iterable[Path]) -> list[Path]:

@@ -12,6 +12,7 @@ loss                        ℓ(z, t) for one example                      H_ℓ
 ==========================  ===========================================  ====================================
 sigmoid cross-entropy       Σ_j softplus(z_j) − t_j z_j                    σ(z) ⊙ (1 − σ(z)) ⊙ u
 softmax cross-entropy       logsumexp(z) − z_t                             p ⊙ u − p (pᵀ u),  p = softmax(z)
+sequence cross-entropy      (1/T) Σ_τ logsumexp(z_τ) − z_τ,t_τ              (p_τ ⊙ u_τ − p_τ (p_τᵀ u_τ)) / T
 squared error               ½ ‖z − t‖²                                     u
 ==========================  ===========================================  ====================================
 """
@@ -31,6 +32,8 @@ class Loss(ABC):
     name: str
     #: True when targets are class labels and ``error`` is a 0/1 misclassification.
     classification: bool = False
+    #: True when the loss is a mean log-loss per token, so ``exp(loss)`` is a perplexity.
+    perplexity: bool = False
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Mean over examples of the per-example loss."""
@@ -101,8 +104,28 @@ class SoftmaxCrossEntropy(Loss):
         return (outputs.argmax(-1) != targets).to(outputs.dtype)
 
 
+class SequenceCrossEntropy(Loss):
+    """Next-token cross-entropy of (B, T, V) logits against (B, T) targets, *averaged* over the T positions
+    of an example (language models): the loss is in nats per token and its exponential the perplexity."""
+
+    name = "sequence_cross_entropy"
+    classification = True
+    perplexity = True
+
+    def per_example(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.transpose(1, 2), targets, reduction="none").mean(1)
+
+    def output_hessian_vector_product(self, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        p = torch.softmax(outputs, dim=-1)
+        return (p * u - p * (p * u).sum(-1, keepdim=True)) / outputs.shape[1]
+
+    def error(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Fraction of positions whose most likely next token is wrong."""
+        return (outputs.argmax(-1) != targets).to(outputs.dtype).mean(1)
+
+
 LOSSES: dict[str, type[Loss]] = {
-    cls.name: cls for cls in (SigmoidCrossEntropy, SquaredError, SoftmaxCrossEntropy)
+    cls.name: cls for cls in (SigmoidCrossEntropy, SquaredError, SoftmaxCrossEntropy, SequenceCrossEntropy)
 }
 
 
