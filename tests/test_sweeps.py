@@ -124,9 +124,9 @@ def test_the_cpu_set_stays_a_smoke_set():
         seconds = compose_config(f"+experiment={name}", "scale=cpu", *jobs[0]).run.max_seconds
         assert seconds is not None, f"{name}: scale=cpu needs a wall-time budget"
         total += len(jobs) * (seconds + JOB_OVERHEAD_S)
-    # One job after another it took about an hour before NCG, RMSprop, AdaGrad and arcs_cifar10 joined it
-    # (82 minutes now); about half with two joblib workers. A growing smoke set should be a decision.
-    assert total <= 90 * 60, f"the scale=cpu set needs about {total / 60:.0f} minutes"
+    # One job after another it took about an hour before NCG, RMSprop, AdaGrad, arcs_cifar10 and arcs_charlm
+    # joined it (95 minutes now); about half with two joblib workers. Growing it further should be a decision.
+    assert total <= 100 * 60, f"the scale=cpu set needs about {total / 60:.0f} minutes"
 
 
 def test_slurm_gpu_launcher_selects_cuda_unless_overridden(monkeypatch):
