@@ -46,7 +46,7 @@ SMALL = {
 
 #: Optimizers that read host scalars in every step and therefore stop at the faulty step itself; the
 #: others never synchronise inside a step and leave a non-finite loss to the engine's next evaluation.
-CHECKED_AT_ONCE = {"lbfgs", "hf", "ksd", "arcs_lsr1"}
+CHECKED_AT_ONCE = {"lbfgs", "ncg", "hf", "ksd", "arcs_lsr1"}
 
 
 class Fault(nn.Module):
@@ -227,6 +227,18 @@ def test_lbfgs_rejects_the_step_when_no_trial_point_decreases_f(monkeypatch):
     assert torch.equal(problem.theta, theta)
     assert len(optimizer.state["steps"]) == pairs  # the zero step is no pair
     assert all(torch.isfinite(t).all() for t in optimizer.state["cached"])
+
+
+def test_ncg_rejects_the_step_when_no_trial_point_decreases_f_and_restarts(monkeypatch):
+    problem, optimizer, _ = make("ncg", batch_size=None)
+    optimizer.step()  # one real step: the next direction would use β and the previous direction
+    theta = problem.theta.clone()
+    non_finite_away_from_theta(problem, monkeypatch)
+    stats = optimizer.step()
+    assert stats["step_size"] == 0.0 and stats["evaluations"] >= 2
+    assert torch.equal(problem.theta, theta)
+    # the next iteration restarts with steepest descent and a fresh first trial step
+    assert optimizer.state["direction"] is None and optimizer.state["decrease"] is None
 
 
 def test_hf_rejects_the_step_when_no_trial_point_decreases_f(monkeypatch):
