@@ -22,11 +22,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ksd.config import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
-from ksd.optim.linalg import strong_wolfe, two_loop_recursion
-from ksd.problem import Problem
+from ksd.optim.linalg import LineSearchResult, strong_wolfe, two_loop_recursion
+from ksd.problem import Batch, Problem
+
+
+def search_along(
+    optimizer: Optimizer,
+    batch: Batch,
+    direction: Tensor,
+    loss: Tensor,
+    grad: Tensor,
+    step: float,
+    slope: float,
+) -> LineSearchResult:
+    """:func:`~ksd.optim.linalg.strong_wolfe` on the regularised objective of ``batch`` along ``direction``
+    from θ, first trial ``step``, with the optimizer's ``c1``, ``c2``, ``tolerance_change`` and
+    ``max_evaluations`` (L-BFGS and nonlinear CG share it)."""
+    c, theta = optimizer.config, optimizer.problem.theta
+
+    def evaluate(t: float) -> tuple[float, Tensor]:
+        f, g = optimizer.objective_and_grad(batch, theta + t * direction)
+        return f.item(), g
+
+    return strong_wolfe(
+        evaluate,
+        direction,
+        loss.item(),
+        grad,
+        step,
+        c1=c.c1,
+        c2=c.c2,
+        tolerance=c.tolerance_change,
+        max_evaluations=c.max_evaluations,
+        slope=slope,
+    )
 
 
 class LBFGS(Optimizer):
@@ -72,23 +105,7 @@ class LBFGS(Optimizer):
             return {"loss": loss, "step_size": 0.0, "evaluations": 0}
         t = min(1.0, 1.0 / grad.abs().sum().item()) * c.lr if st["iteration"] == 0 else c.lr
         if c.line_search == "strong_wolfe":
-
-            def evaluate(step: float) -> tuple[float, torch.Tensor]:
-                f, g = self.objective_and_grad(batch, theta + step * direction)
-                return f.item(), g
-
-            result = strong_wolfe(
-                evaluate,
-                direction,
-                loss.item(),
-                grad,
-                t,
-                c1=c.c1,
-                c2=c.c2,
-                tolerance=c.tolerance_change,
-                max_evaluations=c.max_evaluations,
-                slope=slope,
-            )
+            result = search_along(self, batch, direction, loss, grad, t, slope)
             t, new_loss, new_grad, evaluations = result.step, result.loss, result.grad, result.evaluations
         else:
             new_loss, new_grad = self.objective_and_grad(batch, theta + t * direction)

@@ -39,7 +39,7 @@ import torch
 
 from ksd.config import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
-from ksd.optim.linalg import strong_wolfe
+from ksd.optim.lbfgs import search_along
 from ksd.problem import Problem
 
 VARIANTS = ("polak_ribiere", "fletcher_reeves")
@@ -110,23 +110,7 @@ class NonlinearCG(Optimizer):
             t = min(1.0, 1.0 / grad.abs().sum().item()) * c.lr
         else:
             t = st["decrease"] / slope
-
-        def evaluate(step: float) -> tuple[float, torch.Tensor]:
-            f, g = self.objective_and_grad(batch, theta + step * direction)
-            return f.item(), g
-
-        result = strong_wolfe(
-            evaluate,
-            direction,
-            loss.item(),
-            grad,
-            t,
-            c1=c.c1,
-            c2=c.c2,
-            tolerance=c.tolerance_change,
-            max_evaluations=c.max_evaluations,
-            slope=slope,
-        )
+        result = search_along(self, batch, direction, loss, grad, t, slope)
         st["iteration"] += 1
         st["grad"], st["grad_norm2"] = grad, grad.dot(grad).item()
         if result.step == 0.0:  # rejected: θ unchanged, the next iteration restarts
