@@ -9,7 +9,7 @@ their optimizers (``Optimizer.Config``) and are found through :data:`ksd.optim.O
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,19 +30,26 @@ def require(condition: bool, message: str) -> None:
 class DatasetConfig:
     """``dataset`` group: which data, where it lives and how much of it to use."""
 
-    name: str = "curves"
+    name: str = "curves"  # a data set of ksd.data.DATASETS; with torchvision: a torchvision.datasets class
     root: str | None = None  # data folder; None: $KSD_DATA, else ./data
     val_size: int = 0  # validation examples carved from the training set (seeded permutation)
     train_size: int | None = None  # keep only the first N remaining training examples
     test_size: int | None = None  # keep only the first N test examples
     augment: bool = False  # random crop + flip on training mini-batches (CIFAR-10 only)
+    path: str | None = None  # text: the corpus file (None: the built-in corpus); tensors: the .npz/.pt file
+    torchvision: bool = False  # name is a class of torchvision.datasets (conf/dataset/torchvision.yaml)
+    download: bool = False  # torchvision only: download the files into root when they are missing
 
     def __post_init__(self) -> None:
         from ksd.data import DATASETS
+        from ksd.data.tensors import NEEDS_PATH
 
         require(
-            self.name in DATASETS, f"dataset.name must be one of {', '.join(DATASETS)}, got {self.name!r}."
+            self.torchvision or self.name in DATASETS,
+            f"dataset.name must be one of {', '.join(DATASETS)}, got {self.name!r}.",
         )
+        require(self.name != "tensors" or self.path is not None, NEEDS_PATH)
+        require(not self.download or self.torchvision, "dataset.download is for dataset=torchvision only.")
         require(self.val_size >= 0, f"dataset.val_size must be >= 0, got {self.val_size}.")
         for key in ("train_size", "test_size"):
             value = getattr(self, key)
@@ -54,13 +61,15 @@ class DatasetConfig:
 class ModelConfig:
     """``model`` group: architecture, activation, loss and initialisation."""
 
-    name: str = "autoencoder"  # autoencoder | mlp | cnn
+    name: str = "autoencoder"  # autoencoder | mlp | cnn | custom
     widths: list[int] | None = None  # hidden widths (encoder half for autoencoders); None: the paper's
     arch: str = "auto"  # cnn only: auto | 2c2d | 3c3d
     activation: str = "sigmoid"  # hidden units: sigmoid | relu | tanh
     loss: str | None = None  # None: sigmoid_cross_entropy (autoencoder) / softmax_cross_entropy
     init: str = "default"  # default (PyTorch) | sparse (Martens 2010: 15 non-zero weights per unit)
     sparse_connections: int = 15
+    target: str | None = None  # custom only: model._target_, the class (or function) that builds the network
+    kwargs: dict[str, Any] = field(default_factory=dict)  # custom only: its keyword arguments (_model_node)
 
     def __post_init__(self) -> None:
         from ksd.losses import LOSSES
@@ -87,6 +96,10 @@ class ModelConfig:
             f"model.widths must be positive integers, got {self.widths}.",
         )
         require(self.sparse_connections > 0, "model.sparse_connections must be positive.")
+        require(
+            self.name == "custom" or (self.target is None and not self.kwargs),
+            "model.target and model.kwargs are set by model=custom, from model._target_ and its other keys.",
+        )
 
 
 @dataclass
@@ -180,6 +193,25 @@ def _merge(schema: type, node: Any, where: str) -> Any:
         raise ConfigError(f"invalid {where}: {err}") from None
 
 
+#: The keys of ``model=custom`` that ksd-run reads; all others are keyword arguments of ``model._target_``.
+CUSTOM_MODEL_KEYS = ("name", "loss", "init", "sparse_connections")
+
+
+def _model_node(node: Any) -> Any:
+    """``model=custom``: ``_target_`` becomes ``target``, keys not in :data:`CUSTOM_MODEL_KEYS` ``kwargs``.
+
+    The keyword arguments are the user's network's own, so they cannot be checked against a schema as the
+    other models' keys are; Hydra checks them when it instantiates the target (``ksd.models.custom``).
+    """
+    if not isinstance(node, DictConfig) or node.get("name") != "custom":
+        return node
+    if "_target_" not in node or OmegaConf.is_missing(node, "_target_"):
+        raise ConfigError("model=custom needs model._target_=pkg.module.Class, an importable nn.Module.")
+    ours = {key: node[key] for key in CUSTOM_MODEL_KEYS if key in node}
+    kwargs = {key: value for key, value in node.items() if key not in (*CUSTOM_MODEL_KEYS, "_target_")}
+    return OmegaConf.create({**ours, "target": node["_target_"], "kwargs": kwargs})
+
+
 def validate(cfg: DictConfig) -> Settings:
     """Check the composed configuration against the schemas; raise :class:`ConfigError` if unusable."""
     from ksd.optim import optimizer_class
@@ -199,7 +231,7 @@ def validate(cfg: DictConfig) -> Settings:
     opt_cls = optimizer_class(opt_node.name)
     return Settings(
         dataset=_merge(DatasetConfig, cfg.dataset, "dataset"),
-        model=_merge(ModelConfig, cfg.model, "model"),
+        model=_merge(ModelConfig, _model_node(cfg.model), "model"),
         optimizer=_merge(opt_cls.Config, opt_node, "optimizer"),
         run=_merge(RunConfig, cfg.run, "run"),
         logger=_merge(LoggerConfig, cfg.logger, "logger"),

@@ -54,6 +54,9 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
         test_size=d.test_size,
         seed=0,
         device=device,
+        path=d.path,
+        torchvision=d.torchvision,
+        download=d.download,
     )
     batch_size = getattr(settings.optimizer, "batch_size", None)
     if batch_size is not None and batch_size > len(splits.train):

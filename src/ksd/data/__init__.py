@@ -3,9 +3,12 @@
 ``load_dataset(name, root, val_size=...)`` reads the files under ``root`` (default: ``$KSD_DATA`` or
 ``./data``), carves a validation set from the training set, and returns :class:`Splits`. One module per
 data set documents its on-disk format: :mod:`ksd.data.mnist`, :mod:`ksd.data.cifar10` (also
-``augment_cifar``), :mod:`ksd.data.curves` (reads ``digs3pts_1.mat`` or generates a synthetic stand-in).
+``augment_cifar``), :mod:`ksd.data.curves` (reads ``digs3pts_1.mat`` or generates a synthetic stand-in);
+your own data: :mod:`ksd.data.tensors` (arrays in a ``.npz`` or ``.pt`` file) and :mod:`ksd.data.vision` (any
+image set of ``torchvision.datasets``, read with ``torchvision=True``).
 Decoded CIFAR-10 ``.npz`` data and generated CURVES are cached in ``$KSD_CACHE`` (default
-``~/.cache/ksd``); nothing is ever written into the data root. Nothing here needs torchvision or PIL.
+``~/.cache/ksd``); nothing is ever written into the data root. Nothing here needs torchvision or PIL, but
+:mod:`ksd.data.vision`, which imports torchvision when it reads a data set.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cifar10, curves, mnist
+from . import cifar10, curves, mnist, tensors, vision
 from .splits import DataError, DataSpec, RawData, Split, Splits, carve_indices, check_size
 
 __all__ = ["DATASETS", "DataError", "DataSpec", "Split", "Splits", "default_root", "load_dataset"]
 
-DATASETS = ("mnist", "curves", "cifar10")
+DATASETS = ("mnist", "curves", "cifar10", "tensors")
 
 _READERS: dict[str, Callable[[Path], RawData]] = {
     "mnist": mnist.read_mnist,
@@ -61,18 +64,23 @@ def load_dataset(
     test_size: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    path: str | None = None,
+    torchvision: bool = False,
+    download: bool = False,
 ) -> Splits:
     """Read the files (or generate CURVES), carve `val_size` validation examples from the full training set
     with a permutation seeded by `seed` (torch.Generator), then keep the first `train_size` of the remaining
     training examples (None = all) and the first `test_size` test examples (None = all). Everything ends on
-    `device` as float32/int64.
+    `device` as float32/int64. `path` is the file of ``tensors`` (relative: under `root`). With
+    `torchvision`, `name` is a class of ``torchvision.datasets``, read under `root` and downloaded there
+    when missing if `download`.
 
     The remaining training examples and the validation examples both keep file order. CIFAR-10 inputs are
     normalised per channel with the mean/std of the kept training images (listed in ``notes``).
     Raises :class:`DataError` for missing/corrupt files and impossible sizes.
     """
-    key = str(name).strip().lower().replace("-", "")
-    if key not in DATASETS:
+    key = name if torchvision else str(name).strip().lower().replace("-", "")
+    if not torchvision and key not in DATASETS:
         raise DataError(f"Unknown data set {name!r}: choose one of {', '.join(DATASETS)}.")
     val_n = check_size(val_size, "val_size")
     train_n = check_size(train_size, "train_size", minimum=1, allow_none=True)
@@ -81,7 +89,12 @@ def load_dataset(
     data_root = default_root() if root is None else Path(root).expanduser()
     device = torch.device(device)
 
-    raw = _READERS[key](data_root)
+    if torchvision:
+        raw = vision.read_torchvision(name, data_root, download=download)
+    elif key == "tensors":
+        raw = tensors.read_tensors(data_root, path)
+    else:
+        raw = _READERS[key](data_root)
     n_full = raw.train_x.shape[0]
     train_idx, val_idx = carve_indices(n_full, val_size=val_n, train_size=train_n, seed=seed, dataset=key)
     n_test_full = raw.test_x.shape[0]
@@ -117,7 +130,11 @@ def load_dataset(
         f"train = the first {len(train)} of the rest (file order); test = the first {len(test)} of "
         f"{n_test_full} test examples",
     )
-    spec = DataSpec(name=key, input_shape=_SHAPES[key], num_classes=_CLASSES[key], source=raw.source)
+    if key in _SHAPES:
+        spec = DataSpec(name=key, input_shape=_SHAPES[key], num_classes=_CLASSES[key], source=raw.source)
+    else:  # your own data: its arrays say what it is
+        shape, classes = tuple(raw.train_x.shape[1:]), tensors.label_classes(raw)
+        spec = DataSpec(name=key, input_shape=shape, num_classes=classes, source=raw.source)
     shape = tuple(train.inputs.shape[1:])
     if shape != spec.input_shape:
         raise DataError(

@@ -11,10 +11,11 @@ from ksd.data import DataSpec
 from ksd.losses import Loss, build_loss
 from ksd.models.autoencoder import PAPER_WIDTHS, autoencoder
 from ksd.models.cnn import CNN_ARCHS, DEFAULT_ARCH
+from ksd.models.custom import build_custom
 from ksd.models.layers import ACTIVATIONS, sparse_init_
 from ksd.models.mlp import DEFAULT_WIDTHS, mlp
 
-MODELS = ("autoencoder", "mlp", "cnn")
+MODELS = ("autoencoder", "mlp", "cnn", "custom")
 
 
 @dataclass
@@ -27,7 +28,9 @@ class BuiltModel:
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> BuiltModel:
     """The network of ``cfg`` for data described by ``spec``; :class:`ConfigError` if they do not fit."""
-    if cfg.name == "autoencoder":
+    if cfg.name == "custom":
+        network, loss_name, arch = build_custom(cfg, spec)
+    elif cfg.name == "autoencoder":
         widths = cfg.widths if cfg.widths is not None else PAPER_WIDTHS.get(spec.name)
         if widths is None:
             raise ConfigError(
@@ -62,10 +65,10 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> BuiltModel:
     if cfg.init == "sparse":
         sparse_init_(network, cfg.sparse_connections, scale=0.5 if cfg.activation == "tanh" else 1.0)
     n_params = sum(p.numel() for p in network.parameters())
-    description = (
-        f"{cfg.name} {arch} ({cfg.activation}, {loss_name}, {cfg.init} init, {n_params:,} parameters)"
-    )
-    return BuiltModel(network, build_loss(loss_name), cfg.name == "autoencoder", description)
+    activation = "" if cfg.name == "custom" else f"{cfg.activation}, "
+    description = f"{cfg.name} {arch} ({activation}{loss_name}, {cfg.init} init, {n_params:,} parameters)"
+    reconstructs = cfg.name == "autoencoder" or (cfg.name == "custom" and spec.num_classes is None)
+    return BuiltModel(network, build_loss(loss_name), reconstructs, description)
 
 
 __all__ = ["ACTIVATIONS", "CNN_ARCHS", "MODELS", "BuiltModel", "build_model"]
