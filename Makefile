@@ -34,7 +34,7 @@ test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts examples
 
 bench: install
 	$(BIN)/python scripts/bench.py $(ARGS)
