@@ -103,6 +103,18 @@ def test_kronecker_methods_refuse_other_layers_by_name(method):
         method(WithNorm(), "softmax_cross_entropy")
 
 
+def test_tied_and_frozen_parameters_are_refused_by_name():
+    """One flat trainable copy per parameter would untie tied weights and train frozen ones."""
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ConfigError, match=r"parameter 2\.weight is shared with another module"):
+        LIBRARY["lbfgs"](tied, "squared_error")
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    frozen[0].requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"parameter 0\.weight has requires_grad=False"):
+        LIBRARY["sgd"](frozen, "softmax_cross_entropy")
+
+
 @pytest.mark.parametrize("name", sorted(set(LIBRARY) - {"kbfgs", "kbfgs_l", "kfac"}))
 def test_the_other_methods_train_any_differentiable_network(name):
     torch.manual_seed(0)

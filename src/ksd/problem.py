@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ksd.config import require
 from ksd.data import Split, Splits
 from ksd.losses import Loss
 
@@ -97,13 +98,31 @@ class Problem:
 
     # ------------------------------------------------------------------ parameters
     def _flatten_parameters(self) -> Tensor:
-        """Copy the parameters once into one flat vector and make the model's parameters views of it."""
+        """Copy the parameters once into one flat vector and make the model's parameters views of it.
+
+        Every parameter gets its own trainable view, so a parameter shared by two modules (tied weights)
+        would silently come apart and a frozen one (``requires_grad=False``) would be trained: both are
+        refused (:class:`~ksd.config.ConfigError`), which matters for the users' own networks.
+        """
         owners = [
             (module, prefix, name, p)
             for prefix, module in self.model.named_modules()
             for name, p in module.named_parameters(recurse=False)
         ]
         self._names = [f"{prefix}.{name}" if prefix else name for _, prefix, name, _ in owners]
+        seen: set[int] = set()
+        for name, (*_, p) in zip(self._names, owners):
+            require(
+                id(p) not in seen,
+                f"parameter {name} is shared with another module (tied weights), which the flat parameter "
+                "vector of the optimizers cannot keep tied; give every module its own parameters.",
+            )
+            require(
+                p.requires_grad,
+                f"parameter {name} has requires_grad=False, but the optimizers train every parameter of the "
+                "model; leave frozen layers out of it (e.g. feed it their precomputed outputs).",
+            )
+            seen.add(id(p))
         self._shapes = [p.shape for *_, p in owners]
         self._sizes = [p.numel() for *_, p in owners]
         theta = torch.cat([p.detach().reshape(-1) for *_, p in owners])
