@@ -10,8 +10,9 @@
 
 Each class wraps the optimizer that ``ksd-run`` runs (:data:`ksd.optim.OPTIMIZERS`) and a
 :class:`~ksd.problem.Problem` built on ``model``: the same code, with the same hyperparameters and
-defaults (the fields of the method's ``Config``, documented in ``conf/optimizer/<name>.yaml``), so a run
-here and a ``ksd-run`` run on the same data follow the same trajectory (``tests/test_api.py``).
+defaults (the fields of the method's ``Config``, documented in ``conf/optimizer/<name>.yaml``), so handed
+the examples ``ksd-run`` would use, a run here follows the same trajectory (``tests/test_api.py`` checks
+it for KSD on its whole training set).
 
 The ``step`` contract: data handed to every step
 ------------------------------------------------
