@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import subprocess
-import sys
 from types import ModuleType
 
 import pytest
@@ -37,12 +35,13 @@ def test_each_method_lowers_the_training_loss_of_the_user_model(own_model, metho
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_the_script_runs_and_writes_data_for_ksd_run(tmp_path):
-    script = [sys.executable, str(EXAMPLE)]
-    run = subprocess.run([*script, "sgd", "lbfgs", "--steps=3"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert [line.split()[0] for line in run.stdout.splitlines()] == ["sgd", "lbfgs"]
+def test_the_script_runs_and_writes_data_for_ksd_run(tmp_path, own_model, capsys):
+    assert own_model.main(["sgd", "lbfgs", "--steps=3"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["sgd", "lbfgs"]
+    with pytest.raises(SystemExit):
+        own_model.main(["newton"])
+    assert "unknown method(s) newton" in capsys.readouterr().err
     data = tmp_path / "blobs.npz"
-    subprocess.run([*script, "--save", str(data)], check=True, capture_output=True, timeout=300)
+    assert own_model.main(["--save", str(data)]) == 0
     splits = load_dataset("tensors", None, path=str(data), val_size=0)
     assert (len(splits.train), len(splits.test), splits.spec.num_classes) == (500, 100, 3)

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from test_cli_errors import assert_clean_failure, assert_no_partial_results, ksd_run
 
+from ksd.config import ConfigError, validate
 from ksd.data import DataError, DataSpec, load_dataset
 
 
@@ -93,14 +95,17 @@ def test_bad_files_are_refused_with_one_sentence_naming_them(tmp_path):
         assert fragment in message and name in message and "\n" not in message, (name, message)
 
 
-def test_cli_bad_file_and_missing_path_one_line(tmp_path):
+def test_cli_bad_file_one_line(tmp_path):
     np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 3), np.float32), targets=np.zeros(4, np.float32))
     result = ksd_run(tmp_path, "dataset=tensors", f"dataset.path={tmp_path / 'd.npz'}", "model=mlp")
     assert_clean_failure(result, "integer class labels", "d.npz")
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
     assert_no_partial_results(tmp_path)
-    result = ksd_run(tmp_path, "dataset=tensors", "model=mlp")
-    assert_clean_failure(result, "dataset=tensors needs dataset.path")
+
+
+def test_missing_path_is_refused_before_reading_data():
+    with pytest.raises(ConfigError, match=r"dataset=tensors needs dataset\.path"):
+        validate(compose_config("dataset=tensors", "model=mlp"))
 
 
 # ---------------------------------------------------------------------------------------------- torchvision
