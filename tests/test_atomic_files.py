@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import csv
+import errno
+import inspect
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import compose_config
 
-from ksd.results import atomic_write
+from ksd.results import WriteError, atomic_write, write_json
+from ksd.runner import execute
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
@@ -78,3 +85,113 @@ def test_killed_runs_leave_only_complete_files(tmp_path, data_root):
         process.wait()
         seen_rows.append(check_complete(out))
     assert max(seen_rows) > 0  # at least one run was killed while writing rows, not before starting
+
+
+# ---------------------------------------------------------------------------------------- a full disk
+TINY_RUN = [
+    "dataset=mnist",
+    "optimizer=sgd",
+    "model=mlp",
+    "model.widths=[16]",
+    "dataset.train_size=200",
+    "dataset.val_size=100",
+    "dataset.test_size=100",
+    "run.max_steps=3",
+    "run.max_epochs=null",
+    "run.max_seconds=null",
+    "run.eval_every=1",
+    "run.eval_train_size=100",
+    "run.checkpoint_every=1",
+    "run.plot=false",
+]
+
+
+def full_disk(target: str, after: int) -> Callable[[int], None]:
+    """``os.fsync`` that fails with ENOSPC for ``target``'s temporary files after ``after`` writes."""
+    real_fsync, seen = os.fsync, [0]
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if name.startswith(f".{target}.") and name.endswith(".tmp"):
+            seen[0] += 1
+            if seen[0] > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    return fsync
+
+
+#: `ksd-run` with ``os.fsync = full_disk(TARGET, AFTER)`` when ``KSD_TEST_FULL_DISK=TARGET:AFTER`` is set.
+FULL_DISK_DRIVER = f"""
+from __future__ import annotations
+import errno, os
+from collections.abc import Callable
+from pathlib import Path
+
+{inspect.getsource(full_disk)}
+if "KSD_TEST_FULL_DISK" in os.environ:
+    target, after = os.environ["KSD_TEST_FULL_DISK"].split(":")
+    os.fsync = full_disk(target, int(after))
+from ksd.cli import main
+main()
+"""
+
+
+def test_full_disk_in_a_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    write_json(path, {"status": "interrupted"})
+    monkeypatch.setattr(os, "fsync", full_disk("summary.json", 0))
+    with pytest.raises(WriteError, match=r"summary.json: No space left on device .*previous complete file"):
+        write_json(path, {"status": "completed"})
+    assert json.loads(path.read_text()) == {"status": "interrupted"}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_full_disk_while_writing_metrics_one_line_then_resume(tmp_path, data_root):
+    """metrics.csv cannot be written at the third row: one line, exit status 1, the two complete rows
+    and the checkpoint after them in place; the same command, with room again, resumes and completes."""
+    out = tmp_path / "out"
+    driver = tmp_path / "driver.py"
+    driver.write_text(FULL_DISK_DRIVER)
+    env = {"KSD_DATA": str(data_root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(driver), f"hydra.run.dir={out}", *TINY_RUN]
+    full = {**env, "KSD_TEST_FULL_DISK": "metrics.csv:2"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=full)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"ksd-run: error: cannot write {out / 'metrics.csv'}: No space left on device (the disk or quota is "
+        "full); the previous complete file is kept."
+    ], result.stderr
+    assert check_complete(out) == 2 and not (out / "summary.json").exists()
+    assert not list(out.glob(".*.tmp")) and not (out / ".ksd-run.lock").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["steps"] == 1
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in "".join(log.read_text() for log in out.glob("*.log"))
+    with open(out / "metrics.csv", newline="") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [0, 1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(("target", "after"), [("checkpoint.pt", 1), ("summary.json", 0)])
+def test_full_disk_while_writing_a_checkpoint_or_the_summary(tmp_path, monkeypatch, data_root, target, after):
+    """The run stops with WriteError; the previous checkpoint and summary are the complete ones from
+    before, so that the same command resumes (the checkpoint is only removed after the summary)."""
+    monkeypatch.setenv("KSD_DATA", str(data_root))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_json(out / "summary.json", {"status": "interrupted", "note": "an earlier attempt"})
+    previous_summary = (out / "summary.json").read_bytes()
+    monkeypatch.setattr(os, "fsync", full_disk(target, after))
+    with pytest.raises(WriteError, match=f"cannot write .*{target}: No space left on device"):
+        execute(compose_config(*TINY_RUN), out, progress=False)
+    assert (out / "summary.json").read_bytes() == previous_summary
+    assert not list(out.glob(".*.tmp")) and not (out / ".ksd-run.lock").exists()
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    if target == "checkpoint.pt":  # the first checkpoint (after row 0) is kept; row 1 was written before
+        assert state["steps"] == 0 and check_complete(out) == 2
+    else:  # the run had finished: all rows are there, and the last checkpoint to resume from
+        assert check_complete(out) == 4 and state["steps"] == 3

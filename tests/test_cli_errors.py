@@ -44,16 +44,29 @@ def assert_no_partial_results(tmp_path: Path) -> None:
         assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
 
+def assert_one_line_of_ours(result: subprocess.CompletedProcess, status: int = 2) -> str:
+    """Hydra's own error block and its HYDRA_FULL_ERROR hint replaced by one `ksd-run: error:` line."""
+    assert result.returncode == status, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ksd-run: error: "), result.stderr
+    assert "HYDRA_FULL_ERROR" not in result.stderr and "Traceback" not in result.stderr
+    return lines[0]
+
+
 def test_unknown_optimizer_lists_choices(tmp_path):
-    text = assert_clean_failure(
-        ksd_run(tmp_path, "optimizer=newton"), "optimizer/newton", "sgd", "adam", "lbfgs"
-    )
-    assert "Available options" in text
+    line = assert_one_line_of_ours(ksd_run(tmp_path, "optimizer=newton"))
+    assert "optimizer=newton is not an option; available options for optimizer: " in line
+    assert all(name in line for name in ("sgd", "adam", "lbfgs", "ksd"))
+    assert_no_partial_results(tmp_path)
 
 
 def test_unknown_dataset_and_model_list_choices(tmp_path):
-    assert_clean_failure(ksd_run(tmp_path, "dataset=imagenet"), "mnist", "cifar10", "curves")
-    assert_clean_failure(ksd_run(tmp_path, "model=transformer"), "autoencoder", "mlp", "cnn")
+    line = assert_one_line_of_ours(ksd_run(tmp_path, "dataset=imagenet"))
+    assert "dataset=imagenet is not an option" in line
+    assert all(d in line for d in ("mnist", "cifar10", "curves"))
+    line = assert_one_line_of_ours(ksd_run(tmp_path, "model=transformer"))
+    assert "model=transformer is not an option" in line
+    assert all(m in line for m in ("autoencoder", "mlp", "cnn"))
 
 
 @pytest.mark.parametrize(
@@ -74,7 +87,56 @@ def test_bad_values_give_one_sentence(tmp_path, override, fragment):
 
 
 def test_misspelled_override_key_is_refused(tmp_path):
-    assert_clean_failure(ksd_run(tmp_path, "optimizer.lrr=0.1"), "optimizer.lrr")
+    line = assert_one_line_of_ours(ksd_run(tmp_path, "optimizer=sgd", "optimizer.lrr=0.1"))
+    assert line.startswith("ksd-run: error: unknown key optimizer.lrr; valid keys under optimizer: name,")
+    assert ", lr, momentum," in line
+    assert_no_partial_results(tmp_path)
+
+
+KSD_RUN_SCRIPT = str(Path(sys.executable).with_name("ksd-run"))  # the console script itself
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["run.checkpoint_evry=1"], "unknown key run.checkpoint_evry; valid keys under run: max_epochs,"),
+        (["run.max_steps.x=1"], "unknown key run.max_steps.x; run.max_steps has no keys under it."),
+        (["~run.checkpoint_evry"], "cannot delete run.checkpoint_evry: there is no such key; valid keys"),
+        (["sed=1"], "unknown key sed; valid top-level keys: hydra, dataset, model, optimizer,"),
+        (["run.max_steps=[1"], "cannot parse the overrides: no viable alternative at input '[1'"),
+        (["-m", "hydra.sweep.dir=SWEEP", "seed=0,1", "run.checkpoint_evry=1,2"], "unknown key run.checkp"),
+    ],
+    ids=["misspelled", "below-a-value", "delete-missing", "top-level", "syntax", "sweep"],
+)
+def test_hydra_errors_end_in_one_line_of_ours(tmp_path, overrides, expected):
+    """Errors Hydra reports itself (before our validation) through the installed console script."""
+    out = tmp_path / "out"
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = [o.replace("SWEEP", str(out)) for o in overrides if not o.startswith("-")]
+    result = subprocess.run(
+        [KSD_RUN_SCRIPT, *flags, f"hydra.run.dir={out}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"KSD_DATA": str(tmp_path / "no-data-here"), "PATH": "/usr/bin:/bin"},
+    )
+    line = assert_one_line_of_ours(result)
+    assert expected in line, line
+    if "valid keys under run" in line:
+        assert "checkpoint_every" in line and "skip_completed" in line
+    assert not out.exists() or (not list(out.rglob("*.json")) and not list(out.rglob("*.csv")))
+
+
+def test_hydra_full_error_still_gives_hydras_own_report(tmp_path):
+    """HYDRA_FULL_ERROR=1 is the documented way to the full traceback: we do not swallow it."""
+    result = subprocess.run(
+        [KSD_RUN_SCRIPT, f"hydra.run.dir={tmp_path / 'out'}", "run.checkpoint_evry=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HYDRA_FULL_ERROR": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ksd-run: error" not in result.stderr
 
 
 def test_missing_data_directory(tmp_path):

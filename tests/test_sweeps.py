@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -313,3 +314,102 @@ def test_slurm_preempted_job_is_requeued_and_resumes_in_its_own_directory(tmp_pa
     resumed = pd.read_csv(job_dir / "metrics.csv").drop(columns="wall_time")
     reference = pd.read_csv(reference_dir / "metrics.csv").drop(columns="wall_time")
     pd.testing.assert_frame_equal(resumed, reference, check_exact=True)
+
+
+def _process_group_alive(pgid: int) -> list[int]:
+    """Pids of the processes still in process group ``pgid``."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def test_sweep_killed_half_way_reruns_only_the_missing_jobs(tmp_path, data_root):
+    """SIGKILL to a joblib sweep and its workers (as a cancelled allocation or the OOM killer's cgroup
+    kill) while one job has completed and another is half way: every summary.json left is complete, and
+    the same command skips the completed jobs, resumes the interrupted ones from their checkpoints (taking
+    over the locks the killed workers left) and runs the rest."""
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        KSD_RUN,
+        "-m",
+        *[o for o in TINY if not o.startswith(("run.max_seconds", "run.eval_every"))],
+        "optimizer=sgd",
+        "run.max_seconds=0.3,2,0.4",  # 2 workers: the first job completes, the second is half way
+        "run.eval_every=1000000",
+        "run.eval_seconds=0.25",
+        "run.checkpoint_every=1",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {**os.environ, "KSD_DATA": str(data_root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, **quiet)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before half way"
+            summaries = {p.parent for p in sweep_dir.glob("*/summary.json")}
+            resumable = {p.parent for p in sweep_dir.glob("*/checkpoint.pt")} - summaries
+            if summaries and resumable:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+    deadline = time.monotonic() + 30
+    while _process_group_alive(sweep.pid):  # the workers die with the group
+        assert time.monotonic() < deadline, _process_group_alive(sweep.pid)
+        time.sleep(0.1)
+
+    done_before = {}
+    for path in sweep_dir.glob("*/summary.json"):  # complete JSON, never a half-written file
+        assert json.loads(path.read_text())["status"] == "completed"
+        done_before[path.parent] = path.stat().st_mtime_ns
+    interrupted = {p.parent for p in sweep_dir.glob("*/checkpoint.pt")} - set(done_before)
+    assert done_before and interrupted
+    assert any((d / ".ksd-run.lock").exists() for d in interrupted)  # left by the killed workers
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = {p.parent: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+    assert len(jobs) == 3 and all(s["status"] == "completed" for s in jobs.values()), jobs
+    assert {d: (d / "summary.json").stat().st_mtime_ns for d in done_before} == done_before  # not re-run
+    for job_dir in jobs:
+        steps = pd.read_csv(job_dir / "metrics.csv")["step"].tolist()
+        assert steps == sorted(set(steps)) and steps[0] == 0, (job_dir, steps)  # no duplicated rows
+        assert not list(job_dir.glob(".*.tmp")) and not (job_dir / ".ksd-run.lock").exists()
+        assert not (job_dir / "checkpoint.pt").exists()
+    for job_dir in interrupted:
+        assert "resumed from" in (job_dir / "cli.log").read_text()
+
+
+def test_sweep_job_whose_directory_is_in_use_is_refused_and_the_sweep_goes_on(tmp_path, data_root):
+    """A job requeued while its earlier instance still runs: it refuses without touching the earlier
+    instance's files (Hydra still rewrites its own .hydra/ copy of the same config), the others run."""
+    sweep_dir = tmp_path / "sweep"
+    busy = sweep_dir / "job1"
+    busy.mkdir(parents=True)
+    (busy / "metrics.csv").write_text("step,train_loss\n0,1.0\n")
+    (busy / "summary.json").write_text('{"status": "interrupted"}')
+    before = {name: (busy / name).read_bytes() for name in ("metrics.csv", "summary.json")}
+    hold = "import sys, time; from ksd.lock import acquire; acquire(sys.argv[1]); print('held', flush=True); "
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "time.sleep(99)", str(busy)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _, log = run_sweep(tmp_path, data_root, "optimizer=adam", "seed=0,1", "hydra.sweep.subdir=job${seed}")
+        assert f"{busy} is in use by another run (pid {holder.pid} on host" in log
+        assert {name: (busy / name).read_bytes() for name in before} == before
+        assert json.loads((busy / ".ksd-run.lock").read_text())["pid"] == holder.pid
+        assert json.loads((sweep_dir / "job0" / "summary.json").read_text())["status"] == "completed"
+    finally:
+        holder.kill()
+        holder.wait()

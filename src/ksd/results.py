@@ -2,12 +2,14 @@
 
 Every file is written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a run killed at any moment leaves either the previous complete file or the new
-complete one, never a truncated file.
+complete one, never a truncated file. A write that fails (a full disk, a quota, an I/O error) leaves
+the previous complete file too, and raises :class:`WriteError`, whose message is one sentence.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -18,19 +20,63 @@ from pathlib import Path
 from typing import Any
 
 
+class WriteError(OSError):
+    """A result file could not be written; the previous complete version (if any) is still in place.
+
+    ``str()`` is the one-sentence message (``errno`` and ``filename`` are those of the failed write).
+    """
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+    @classmethod
+    def of(cls, path: Path, err: OSError) -> WriteError:
+        """The error for ``path`` caused by ``err``."""
+        reason = err.strerror or str(err)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += " (the disk or quota is full)"
+        kept = "the previous complete file is kept" if Path(path).exists() else "nothing was written"
+        return cls(err.errno, f"cannot write {path}: {reason}; {kept}.", str(path))
+
+
 def atomic_write(path: Path, write: Callable[[io.IOBase], None], binary: bool = False) -> None:
-    """Write ``path`` through ``write(file)`` atomically (temporary file + fsync + rename)."""
+    """Write ``path`` through ``write(file)`` atomically (temporary file + fsync + rename).
+
+    Raises :class:`WriteError` for an operating-system error (ENOSPC is the usual one: it surfaces in
+    ``write``, ``flush`` or ``fsync``), after removing the temporary file, so that a full disk never
+    costs the previous complete file.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        os_error = _os_error(err) if isinstance(err, Exception) else None  # not KeyboardInterrupt
+        if os_error is not None:
+            raise WriteError.of(path, os_error) from err
         raise
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The operating-system error behind ``err``: itself, or one it was raised from or while handling
+    (``torch.save`` turns a failed ``write`` into a RuntimeError raised during the OSError)."""
+    seen = 0
+    current: BaseException | None = err
+    while current is not None and seen < 5:
+        if isinstance(current, WriteError):
+            return None
+        if isinstance(current, OSError):
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from ksd import engine
 from ksd.config import ConfigError, Settings, validate
 from ksd.data import DataError, load_dataset
+from ksd.lock import output_lock, release
 from ksd.logging import build_loggers
 from ksd.models import build_model
 from ksd.optim import build_optimizer
 from ksd.problem import Problem
-from ksd.results import atomic_write, plot_convergence, write_json
+from ksd.results import WriteError, atomic_write, plot_convergence, write_json
 
 log = logging.getLogger("ksd")
 
@@ -97,10 +98,27 @@ def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> 
     """Run the experiment of ``cfg`` into ``out_dir`` and return its summary.
 
     Raises :class:`ConfigError` or :class:`~ksd.data.DataError` for unusable input (nothing but a
-    ``summary.json`` with ``status: failed`` is left behind).
+    ``summary.json`` with ``status: failed`` is left behind), :class:`~ksd.lock.OutputLocked` when
+    another live run holds ``out_dir`` (nothing is written), and :class:`~ksd.results.WriteError` when a
+    result file or the checkpoint cannot be written (a full disk: every file keeps its previous
+    complete version, and the same command resumes from the last checkpoint once there is room).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError.of(out_dir, err) from err
+    with output_lock(out_dir) as lock_path:
+        summary, stop_signal = _execute(cfg, out_dir, progress)
+        if stop_signal is not None:  # hand the signal on, e.g. to submitit, which requeues the job;
+            release(lock_path, every_hold=True)  # the process may end there, its files are complete
+            signal.raise_signal(stop_signal)
+    return summary
+
+
+def _execute(cfg: DictConfig, out_dir: Path, progress: bool | None) -> tuple[dict[str, Any], int | None]:
+    """The body of :func:`execute`, under the output directory's lock; returns the summary and the stop
+    signal to hand on."""
     summary: dict[str, Any] = {
         "status": "failed",
         "optimizer": cfg.get("optimizer", {}).get("name"),
@@ -149,15 +167,15 @@ def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> 
         best=_best(outcome.rows),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    write_json(out_dir / "summary.json", summary)
-    if outcome.status != "interrupted":
-        checkpoint_path.unlink(missing_ok=True)
-    for lg in loggers:
-        lg.finish(summary)
-    if settings.run.plot and outcome.rows:
+    if settings.run.plot and outcome.rows:  # before the summary, which marks the run as done
         s = settings
         title = f"{s.optimizer.name} · {s.model.name} · {s.dataset.name} · seed {s.seed}"
         plot_convergence(outcome.rows, out_dir / "convergence.png", title)
+    write_json(out_dir / "summary.json", summary)
+    if outcome.status != "interrupted":  # only once the summary is written: a failed write can resume
+        checkpoint_path.unlink(missing_ok=True)
+    for lg in loggers:
+        lg.finish(summary)
     log.info(
         "%s after %d steps, %.2f epochs, %.1f s: train loss %.4g, test loss %s",
         outcome.status,
@@ -167,9 +185,7 @@ def execute(cfg: DictConfig, out_dir: Path, *, progress: bool | None = None) -> 
         final.get("train_loss", float("nan")),
         f"{final['test_loss']:.4g}" if "test_loss" in final else "n/a",
     )
-    if outcome.signal is not None:  # hand the signal on, e.g. to submitit, which requeues the job
-        signal.raise_signal(outcome.signal)
-    return summary
+    return summary, outcome.signal
 
 
 def _comparable(cfg: DictConfig) -> dict[str, Any]:
