@@ -165,6 +165,21 @@ def test_torchvision_missing_files_unknown_names_and_no_torchvision(tmp_path, fa
         load_dataset("Tiny", tmp_path, torchvision=True, val_size=0)
 
 
+def test_torchvision_built_for_another_torch(tmp_path, monkeypatch):
+    """A torchvision wheel for another torch build fails at import with a RuntimeError, not ImportError."""
+    package = tmp_path / "site" / "torchvision"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    with pytest.raises(DataError) as caught:
+        load_dataset("MNIST", tmp_path, torchvision=True, val_size=0)
+    assert str(caught.value) == (
+        "dataset=torchvision: torchvision is installed but cannot be imported (operator torchvision::nms "
+        f"does not exist); install the torchvision release built for this torch ({torch.__version__})."
+    )
+
+
 def test_cli_without_torchvision_one_line(tmp_path):
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed here")

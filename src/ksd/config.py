@@ -26,6 +26,12 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), to quote in a one-line error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 @dataclass
 class DatasetConfig:
     """``dataset`` group: which data, where it lives and how much of it to use."""

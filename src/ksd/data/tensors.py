@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ksd.config import one_line
+
 from .splits import DataError, RawData
 
 KEYS = ("inputs", "targets", "test_inputs", "test_targets")
@@ -93,8 +95,7 @@ def _load(file: Path) -> dict[str, np.ndarray]:
         content = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated archives, pickled objects, files of another format ...
         kind = "a NumPy .npz archive" if suffix == ".npz" else "a torch.save file of tensors"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"Could not read {file} as {kind}: {reason}") from None
+        raise DataError(f"Could not read {file} as {kind}: {one_line(err)}") from None
     if not isinstance(content, dict):
         kind = type(content).__name__
         raise DataError(f"{file} holds a {kind}; expected a dict with the keys {_EXPECTED}.")

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from ksd.config import one_line
 
 from .splits import DataError, RawData
 
@@ -30,6 +33,11 @@ def read_torchvision(name: str, root: Path, *, download: bool) -> RawData:
         from torchvision import datasets
     except ImportError:
         raise DataError(f"dataset=torchvision needs torchvision, which is not installed: {INSTALL}") from None
+    except Exception as err:  # installed but built for another torch: its compiled operators fail to register
+        raise DataError(
+            f"dataset=torchvision: torchvision is installed but cannot be imported ({one_line(err)}); "
+            f"install the torchvision release built for this torch ({torch.__version__})."
+        ) from None
     cls = getattr(datasets, name, None)
     if not isinstance(cls, type):
         raise DataError(
@@ -63,10 +71,9 @@ def _open(cls: type, name: str, root: Path, download: bool, part: str) -> Any:
     try:
         return cls(str(root), **options)
     except Exception as err:  # files missing or damaged, a failed download, an unknown split ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if download else "; set dataset.download=true to download it, or point dataset.root at it"
         raise DataError(
-            f"torchvision {name} ({part} split) could not be read under {root}: {reason}{hint}."
+            f"torchvision {name} ({part} split) could not be read under {root}: {one_line(err)}{hint}."
         ) from None
 
 

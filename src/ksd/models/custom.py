@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from ksd.config import ConfigError, ModelConfig
+from ksd.config import ConfigError, ModelConfig, one_line
 from ksd.data import DataSpec
 
 
@@ -43,15 +43,17 @@ def build_custom(cfg: ModelConfig, spec: DataSpec) -> tuple[nn.Module, str, str]
     target = cfg.target
     try:
         network = instantiate({"_target_": target, **cfg.kwargs}, _convert_="all")
-    except Exception as err:  # Hydra's exception says where; its cause says what
-        cause = err.__cause__ or err
+    except Exception as err:  # Hydra's exception says where; the innermost cause says what
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
         if isinstance(cause, ImportError):
             raise ConfigError(
-                f"model._target_={target} cannot be imported ({_one_line(cause)}); install its package or "
+                f"model._target_={target} cannot be imported ({one_line(cause)}); install its package or "
                 "put its folder on PYTHONPATH."
             ) from None
         raise ConfigError(
-            f"model._target_={target} could not be built: {_one_line(cause)} (its keyword arguments are the "
+            f"model._target_={target} could not be built: {one_line(cause)} (its keyword arguments are the "
             "model's other keys, added as +model.KEY=VALUE)."
         ) from None
     if not isinstance(network, nn.Module):
@@ -77,13 +79,9 @@ def _output_shape(network: nn.Module, input_shape: tuple[int, ...], target: str)
             out = network(torch.zeros(2, *input_shape))
     except Exception as err:
         raise ConfigError(
-            f"model._target_={target} failed on a batch of inputs of shape {input_shape}: {_one_line(err)}"
+            f"model._target_={target} failed on a batch of inputs of shape {input_shape}: {one_line(err)}"
         ) from None
     finally:
         network.train(training)
     return tuple(out.shape[1:]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
 
-
-def _one_line(err: BaseException) -> str:
-    """An exception's message on one line (the type when it has none)."""
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
