@@ -132,6 +132,12 @@ from pathlib import Path
 if "KSD_TEST_FULL_DISK" in os.environ:
     target, after = os.environ["KSD_TEST_FULL_DISK"].split(":")
     os.fsync = full_disk(target, int(after))
+    import logging
+
+    def flush(self):  # the run's log file is on the full disk too
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    logging.FileHandler.flush = flush
 from ksd.cli import main
 main()
 """

@@ -220,6 +220,9 @@ def main() -> None:
 
     if not getattr(hydra_utils.run_and_report, "ksd_wrapped", False):
         hydra_utils.run_and_report = _report_hydra_errors(hydra_utils.run_and_report)
+    # A log line that cannot be written (the log file is on a full disk too) must not print logging's
+    # "--- Logging error ---" traceback: the run reports its own failed writes in one line.
+    logging.raiseExceptions = False
     _main()
 
 
