@@ -40,6 +40,7 @@ pre-activation gradients. So the optimizer holds the model and the loss and is h
   raises :class:`~ksd.optim.base.Diverged`.
 * The model: its parameters become views of one flat vector when the optimizer is built, so build the
   optimizer after moving the model to its device and before anything else holds ``model.parameters()``.
+  All of them are trained: tied (shared) and frozen (``requires_grad=False``) parameters are refused.
   K-BFGS, K-BFGS(L) and K-FAC precondition ``nn.Linear`` and ``nn.Conv2d`` layers and refuse a model with
   any other layer that has parameters, naming it; the other methods take any differentiable module.
 * ``lr_decay_epochs`` (K-BFGS, K-FAC) counts passes over the examples handed to a step, i.e. steps.
