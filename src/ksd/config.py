@@ -43,6 +43,7 @@ class DatasetConfig:
     test_size: int | None = None  # keep only the first N test examples
     augment: bool = False  # random crop + flip on training mini-batches (CIFAR-10 only)
     path: str | None = None  # text: the corpus file (None: the built-in corpus); tensors: the .npz/.pt file
+    seq_len: int = 64  # text only: characters per example
     torchvision: bool = False  # name is a class of torchvision.datasets (conf/dataset/torchvision.yaml)
     download: bool = False  # torchvision only: download the files into root when they are missing
 
@@ -61,14 +62,16 @@ class DatasetConfig:
             value = getattr(self, key)
             require(value is None or value > 0, f"dataset.{key} must be positive or null, got {value}.")
         require(not self.augment or self.name == "cifar10", "dataset.augment is only available for cifar10.")
+        require(self.seq_len >= 1, f"dataset.seq_len must be >= 1, got {self.seq_len}.")
 
 
 @dataclass
 class ModelConfig:
     """``model`` group: architecture, activation, loss and initialisation."""
 
-    name: str = "autoencoder"  # autoencoder | mlp | cnn | custom
-    widths: list[int] | None = None  # hidden widths (encoder half for autoencoders); None: the paper's
+    name: str = "autoencoder"  # autoencoder | mlp | cnn | charlm | custom
+    widths: list[int] | None = None  # hidden widths (encoder half for autoencoders; LSTM layers for charlm)
+    embedding: int = 64  # charlm only: width of the character embedding
     arch: str = "auto"  # cnn only: auto | 2c2d | 3c3d
     activation: str = "sigmoid"  # hidden units: sigmoid | relu | tanh
     loss: str | None = None  # None: sigmoid_cross_entropy (autoencoder) / softmax_cross_entropy
@@ -102,6 +105,7 @@ class ModelConfig:
             f"model.widths must be positive integers, got {self.widths}.",
         )
         require(self.sparse_connections > 0, "model.sparse_connections must be positive.")
+        require(self.embedding > 0, f"model.embedding must be positive, got {self.embedding}.")
         require(
             self.name == "custom" or (self.target is None and not self.kwargs),
             "model.target and model.kwargs are set by model=custom, from model._target_ and its other keys.",

@@ -92,6 +92,9 @@ def evaluate(problem: Problem, eval_train_size: int | None) -> dict[str, float]:
         metrics[f"{name}_error"] = values["error"]
         if problem.loss_fn.classification:
             metrics[f"{name}_accuracy"] = 1.0 - values["error"]
+        if problem.loss_fn.perplexity:
+            # capped so that a diverged run's loss does not overflow the exponential
+            metrics[f"{name}_perplexity"] = math.exp(min(values["loss"], 700.0))
     return metrics
 
 

@@ -56,6 +56,7 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
         seed=0,
         device=device,
         path=d.path,
+        seq_len=d.seq_len,
         torchvision=d.torchvision,
         download=d.download,
     )

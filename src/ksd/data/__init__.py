@@ -3,9 +3,10 @@
 ``load_dataset(name, root, val_size=...)`` reads the files under ``root`` (default: ``$KSD_DATA`` or
 ``./data``), carves a validation set from the training set, and returns :class:`Splits`. One module per
 data set documents its on-disk format: :mod:`ksd.data.mnist`, :mod:`ksd.data.cifar10` (also
-``augment_cifar``), :mod:`ksd.data.curves` (reads ``digs3pts_1.mat`` or generates a synthetic stand-in);
-your own data: :mod:`ksd.data.tensors` (arrays in a ``.npz`` or ``.pt`` file) and :mod:`ksd.data.vision` (any
-image set of ``torchvision.datasets``, read with ``torchvision=True``).
+``augment_cifar``), :mod:`ksd.data.curves` (reads ``digs3pts_1.mat`` or generates a synthetic stand-in),
+:mod:`ksd.data.text` (character windows of a text file or of the built-in corpus, int64 inputs); your own
+data: :mod:`ksd.data.tensors` (arrays in a ``.npz`` or ``.pt`` file) and :mod:`ksd.data.vision` (any image
+set of ``torchvision.datasets``, read with ``torchvision=True``).
 Decoded CIFAR-10 ``.npz`` data and generated CURVES are cached in ``$KSD_CACHE`` (default
 ``~/.cache/ksd``); nothing is ever written into the data root. Nothing here needs torchvision or PIL, but
 :mod:`ksd.data.vision`, which imports torchvision when it reads a data set.
@@ -20,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cifar10, curves, mnist, tensors, vision
+from . import cifar10, curves, mnist, tensors, text, vision
 from .splits import DataError, DataSpec, RawData, Split, Splits, carve_indices, check_size
 
 __all__ = ["DATASETS", "DataError", "DataSpec", "Split", "Splits", "default_root", "load_dataset"]
 
-DATASETS = ("mnist", "curves", "cifar10", "tensors")
+DATASETS = ("mnist", "curves", "cifar10", "text", "tensors")
 
 _READERS: dict[str, Callable[[Path], RawData]] = {
     "mnist": mnist.read_mnist,
@@ -52,7 +53,8 @@ def _to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> t
 
 def _split(x: np.ndarray, y: np.ndarray | None, device: torch.device) -> Split:
     labels = None if y is None else _to_tensor(y, device, torch.int64)
-    return Split(inputs=_to_tensor(x, device, torch.float32), labels=labels)
+    dtype = torch.int64 if x.dtype == np.int64 else torch.float32  # character indices stay indices
+    return Split(inputs=_to_tensor(x, device, dtype), labels=labels)
 
 
 def load_dataset(
@@ -65,15 +67,16 @@ def load_dataset(
     seed: int = 0,
     device: torch.device | str = "cpu",
     path: str | None = None,
+    seq_len: int = 64,
     torchvision: bool = False,
     download: bool = False,
 ) -> Splits:
     """Read the files (or generate CURVES), carve `val_size` validation examples from the full training set
     with a permutation seeded by `seed` (torch.Generator), then keep the first `train_size` of the remaining
     training examples (None = all) and the first `test_size` test examples (None = all). Everything ends on
-    `device` as float32/int64. `path` is the file of ``tensors`` (relative: under `root`). With
-    `torchvision`, `name` is a class of ``torchvision.datasets``, read under `root` and downloaded there
-    when missing if `download`.
+    `device` as float32/int64. `path` and `seq_len` are the text corpus and window length of ``text``, `path`
+    also the file of ``tensors``. With `torchvision`, `name` is a class of ``torchvision.datasets``, read
+    under `root` and downloaded there when missing if `download`.
 
     The remaining training examples and the validation examples both keep file order. CIFAR-10 inputs are
     normalised per channel with the mean/std of the kept training images (listed in ``notes``).
@@ -89,8 +92,11 @@ def load_dataset(
     data_root = default_root() if root is None else Path(root).expanduser()
     device = torch.device(device)
 
+    vocabulary: list[str] = []
     if torchvision:
         raw = vision.read_torchvision(name, data_root, download=download)
+    elif key == "text":
+        raw, vocabulary = text.read_text(data_root, path=path, seq_len=seq_len)
     elif key == "tensors":
         raw = tensors.read_tensors(data_root, path)
     else:
@@ -130,7 +136,9 @@ def load_dataset(
         f"train = the first {len(train)} of the rest (file order); test = the first {len(test)} of "
         f"{n_test_full} test examples",
     )
-    if key in _SHAPES:
+    if key == "text":
+        spec = DataSpec(name=key, input_shape=(seq_len,), num_classes=len(vocabulary), source=raw.source)
+    elif key in _SHAPES:
         spec = DataSpec(name=key, input_shape=_SHAPES[key], num_classes=_CLASSES[key], source=raw.source)
     else:  # your own data: its arrays say what it is
         shape, classes = tuple(raw.train_x.shape[1:]), tensors.label_classes(raw)

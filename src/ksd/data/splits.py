@@ -38,8 +38,8 @@ class Split:
 class DataSpec:
     """What a data set is: its name, the shape of one input, the number of classes and where it came from."""
 
-    name: str  # "mnist" | "curves" | "cifar10"
-    input_shape: tuple[int, ...]  # (1, 28, 28) or (3, 32, 32)
+    name: str  # "mnist" | "curves" | "cifar10" | "text"
+    input_shape: tuple[int, ...]  # (1, 28, 28), (3, 32, 32) or (seq_len,) for text
     num_classes: int | None  # 10, or None for CURVES
     source: str  # human-readable provenance
 

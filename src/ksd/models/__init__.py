@@ -10,12 +10,14 @@ from ksd.config import ConfigError, ModelConfig
 from ksd.data import DataSpec
 from ksd.losses import Loss, build_loss
 from ksd.models.autoencoder import PAPER_WIDTHS, autoencoder
+from ksd.models.charlm import DEFAULT_WIDTHS as CHARLM_WIDTHS
+from ksd.models.charlm import CharLM
 from ksd.models.cnn import CNN_ARCHS, DEFAULT_ARCH
 from ksd.models.custom import build_custom
 from ksd.models.layers import ACTIVATIONS, sparse_init_
 from ksd.models.mlp import DEFAULT_WIDTHS, mlp
 
-MODELS = ("autoencoder", "mlp", "cnn", "custom")
+MODELS = ("autoencoder", "mlp", "cnn", "charlm", "custom")
 
 
 @dataclass
@@ -28,7 +30,16 @@ class BuiltModel:
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> BuiltModel:
     """The network of ``cfg`` for data described by ``spec``; :class:`ConfigError` if they do not fit."""
-    if cfg.name == "custom":
+    if (cfg.name == "charlm") != (spec.name == "text") and cfg.name != "custom":
+        raise ConfigError("model=charlm and dataset=text go together (or dataset=text with model=custom).")
+    if cfg.name == "charlm":
+        loss_name = cfg.loss or "sequence_cross_entropy"
+        if loss_name != "sequence_cross_entropy":
+            raise ConfigError("model=charlm needs loss sequence_cross_entropy.")
+        widths = cfg.widths if cfg.widths is not None else CHARLM_WIDTHS
+        network = CharLM(spec.num_classes, cfg.embedding, widths)
+        arch = f"embedding {cfg.embedding}, LSTM {'-'.join(map(str, widths))}, {spec.num_classes} characters"
+    elif cfg.name == "custom":
         network, loss_name, arch = build_custom(cfg, spec)
     elif cfg.name == "autoencoder":
         widths = cfg.widths if cfg.widths is not None else PAPER_WIDTHS.get(spec.name)
