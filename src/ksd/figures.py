@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import textwrap
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,9 @@ COLORS = {
     "kbfgs_l": "#8c564b",
     "kfac": "#17becf",
     "arcs_lsr1": "#e377c2",
+    "ncg": "#bcbd22",
+    "rmsprop": "#000000",
+    "adagrad": "#393b79",
 }
 LABELS = {
     "ksd": "KSD",
@@ -54,6 +58,9 @@ LABELS = {
     "kbfgs_l": "K-BFGS(L)",
     "kfac": "KFAC",
     "arcs_lsr1": "ARCs-LSR1",
+    "ncg": "NCG",
+    "rmsprop": "RMSprop",
+    "adagrad": "AdaGrad",
 }
 BEGIN = "<!-- BEGIN make figures: tables (generated; edit outside the markers) -->"
 END = "<!-- END make figures: tables -->"
@@ -183,7 +190,7 @@ def draw(
         ax.grid(True, which="both", alpha=0.3)
         if ax is axes[0] or papers:
             ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=11)  # long titles wrap instead of running off the figure
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
