@@ -64,7 +64,10 @@ def test_mnist_autoencoder_learns(tmp_path, monkeypatch, data_root, optimizer, e
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
 
 
-def test_mnist_mlp_adam_passes_90_percent_test_accuracy(tmp_path, monkeypatch, data_root):
+def test_mnist_mlp_adam_passes_88_percent_test_accuracy(tmp_path, monkeypatch, data_root):
+    """One epoch of 20,000 images (200 Adam steps) gave 0.8996 with 1 thread and 0.9002 with 2 on
+    2026-12-02 (the same before and after that day's changes): 90 % sat on the rounding of the thread
+    count. 88 % leaves room for other machines; chance is 10 %, so a broken data or training path fails."""
     summary, rows = run(
         tmp_path,
         monkeypatch,
@@ -80,7 +83,7 @@ def test_mnist_mlp_adam_passes_90_percent_test_accuracy(tmp_path, monkeypatch, d
         "run.eval_every=100",
     )
     assert summary["status"] == "completed"
-    assert float(rows[-1]["test_accuracy"]) > 0.90
+    assert float(rows[-1]["test_accuracy"]) > 0.88
     assert summary["final"]["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
 
 
