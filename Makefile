@@ -33,8 +33,10 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
 
+# ruff, and the import layers of src/ksd ([tool.importlinter] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check src tests scripts examples
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python scripts/bench.py $(ARGS)
@@ -43,5 +45,5 @@ figures: install
 	$(BIN)/python scripts/make_figures.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache .import_linter_cache src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import REPO, compose_config
 from torch import nn
 
-from ksd.config import ConfigError
 from ksd.data import load_dataset
+from ksd.errors import ConfigError
 from ksd.optim import (
     KBFGS,
     KBFGSL,

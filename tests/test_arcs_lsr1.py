@@ -15,8 +15,8 @@ from conftest import CONF, compose_config
 from scipy.optimize import minimize
 from torch import nn
 
-from ksd.config import ConfigError
 from ksd.data import DataSpec, Split, Splits
+from ksd.errors import ConfigError
 from ksd.losses import build_loss
 from ksd.optim.arcs_lsr1 import ARCsLSR1, next_sigma, solve_cubic_subproblem
 from ksd.optim.lsr1 import PairMemory, compact_eigendecomposition, middle_inverse

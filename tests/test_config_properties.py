@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from ksd.config import ConfigError, RunConfig, _merge
+from ksd.config import RunConfig, _merge
+from ksd.errors import ConfigError
 from ksd.optim.first_order import SGD
 from ksd.optim.lbfgs import LBFGS
 

@@ -18,6 +18,7 @@ from conftest import CONF, REPO, compose_config
 
 from ksd.config import DatasetConfig, LoggerConfig, ModelConfig, RunConfig, validate
 from ksd.optim import OPTIMIZERS, available, optimizer_class
+from ksd.runner import REGISTRIES
 
 #: Fields of a group's schema that only some of the group's options use: they may be left out of the
 #: other options' YAML (where Hydra then refuses them by name). Every other field must be in every
@@ -120,7 +121,7 @@ def test_every_registered_optimizer_has_a_yaml_that_matches_its_config():
 def test_every_optimizer_yaml_validates_as_it_ships():
     """The YAML values have the schema's types and ranges (the keys agree, so must the values)."""
     for name in OPTIMIZERS:
-        assert validate(compose_config(f"optimizer={name}")).optimizer.name == name
+        assert validate(compose_config(f"optimizer={name}"), REGISTRIES).optimizer.name == name
 
 
 def test_readme_names_every_run_setting_and_no_unknown_one():

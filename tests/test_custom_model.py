@@ -11,11 +11,12 @@ from conftest import compose_config
 from test_cli_errors import assert_clean_failure, assert_no_partial_results, ksd_run
 from torch import nn
 
-from ksd.config import ConfigError, validate
+from ksd.config import validate
 from ksd.data import DataSpec
+from ksd.errors import ConfigError
 from ksd.models import build_model
 from ksd.optim import KBFGS, KFAC, LIBRARY
-from ksd.runner import execute
+from ksd.runner import REGISTRIES, execute
 
 LABELLED = DataSpec("blobs", (6,), 3, "test")
 UNLABELLED = DataSpec("points", (6,), None, "test")
@@ -29,7 +30,7 @@ AUTOENCODER = [
 
 def model_config(*overrides: str):
     """The validated model node of ``ksd-run model=custom OVERRIDES`` (SGD: no sparse-init default)."""
-    return validate(compose_config("model=custom", "optimizer=sgd", *overrides)).model
+    return validate(compose_config("model=custom", "optimizer=sgd", *overrides), REGISTRIES).model
 
 
 def test_target_and_keyword_arguments_build_the_network():
@@ -89,7 +90,7 @@ def test_networks_that_do_not_fit_are_refused_with_one_sentence(overrides, spec,
 
 def test_keyword_arguments_are_only_for_custom():
     with pytest.raises(ConfigError, match="are set by model=custom"):
-        validate(compose_config("model=mlp", "+model.target=torch.nn.Linear"))
+        validate(compose_config("model=mlp", "+model.target=torch.nn.Linear"), REGISTRIES)
 
 
 class WithNorm(nn.Sequential):

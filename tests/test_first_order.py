@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_kbfgs import mlp_problem
 
-from ksd.config import ConfigError
+from ksd.errors import ConfigError
 from ksd.optim.first_order import AdaGrad, Adam, RMSprop
 
 

@@ -11,8 +11,9 @@ import yaml
 from conftest import CONF, compose_config
 from torch import nn
 
-from ksd.config import ConfigError, ModelConfig
+from ksd.config import ModelConfig
 from ksd.data import DataSpec, Split, Splits, load_dataset
+from ksd.errors import ConfigError
 from ksd.losses import build_loss
 from ksd.models import build_model
 from ksd.optim.first_order import SGD

@@ -11,8 +11,8 @@ from conftest import CONF
 from omegaconf import OmegaConf
 from torch import nn
 
-from ksd.config import ConfigError
 from ksd.data import DataSpec, Split, Splits
+from ksd.errors import ConfigError
 from ksd.losses import build_loss
 from ksd.optim.kbfgs import KBFGS, KBFGSL, accept_pair, bfgs_inverse_update_, double_damping
 from ksd.optim.kronecker import SYMMETRIC_SPLIT_MIN, KroneckerLayers, symmetric_gram_

@@ -11,8 +11,8 @@ import yaml
 from conftest import CONF
 from torch import nn
 
-from ksd.config import ConfigError
 from ksd.data import DataSpec, Split, Splits, load_dataset
+from ksd.errors import ConfigError
 from ksd.losses import build_loss
 from ksd.models.autoencoder import autoencoder
 from ksd.optim.first_order import SGD

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ksd.config import ConfigError, ModelConfig
+from ksd.config import ModelConfig
 from ksd.data import DataSpec
+from ksd.errors import ConfigError
 from ksd.models import build_model
 
 MNIST = DataSpec("mnist", (1, 28, 28), 10, "test")

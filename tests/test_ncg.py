@@ -7,8 +7,8 @@ import torch
 from scipy.optimize import minimize
 from torch import nn
 
-from ksd.config import ConfigError
 from ksd.data import DataSpec, Split, Splits
+from ksd.errors import ConfigError
 from ksd.losses import build_loss
 from ksd.optim.ncg import NonlinearCG
 from ksd.problem import Problem

@@ -13,8 +13,10 @@ import torch
 from conftest import compose_config
 from test_cli_errors import assert_clean_failure, assert_no_partial_results, ksd_run
 
-from ksd.config import ConfigError, validate
+from ksd.config import validate
 from ksd.data import DataError, DataSpec, load_dataset
+from ksd.errors import ConfigError
+from ksd.runner import REGISTRIES
 
 
 def classification_npz(path: Path) -> dict[str, np.ndarray]:
@@ -105,7 +107,7 @@ def test_cli_bad_file_one_line(tmp_path):
 
 def test_missing_path_is_refused_before_reading_data():
     with pytest.raises(ConfigError, match=r"dataset=tensors needs dataset\.path"):
-        validate(compose_config("dataset=tensors", "model=mlp"))
+        validate(compose_config("dataset=tensors", "model=mlp"), REGISTRIES)
 
 
 # ---------------------------------------------------------------------------------------------- torchvision

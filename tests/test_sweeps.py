@@ -25,8 +25,10 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.ksd_grid_sweeper.grid_sweeper import grid_jobs
 from ksd.collect import collect, final_rows
-from ksd.config import ConfigError, validate
+from ksd.config import validate
+from ksd.errors import ConfigError
 from ksd.optim import OPTIMIZERS
+from ksd.runner import REGISTRIES
 from ksd.scale import SCALES
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -58,19 +60,21 @@ def sweep_jobs(name: str, scale: str) -> tuple[list[list[str]], object]:
 
 
 def test_by_scale_picks_the_value_of_the_scale():
-    cpu = validate(compose_config("+experiment=kbfgs_mnist", "scale=cpu", "optimizer=sgd"))
-    paper = validate(compose_config("+experiment=kbfgs_mnist", "scale=paper", "optimizer=sgd"))
+    cpu = validate(compose_config("+experiment=kbfgs_mnist", "scale=cpu", "optimizer=sgd"), REGISTRIES)
+    paper = validate(compose_config("+experiment=kbfgs_mnist", "scale=paper", "optimizer=sgd"), REGISTRIES)
     assert (cpu.run.max_seconds, cpu.dataset.train_size, cpu.optimizer.batch_size) == (20, 4000, 500)
     assert (paper.run.max_seconds, paper.dataset.train_size, paper.optimizer.batch_size) == (500, None, 1000)
-    epochs = validate(compose_config("+experiment=kbfgs_mnist", "scale=paper_epochs", "optimizer=kfac"))
+    epochs = validate(
+        compose_config("+experiment=kbfgs_mnist", "scale=paper_epochs", "optimizer=kfac"), REGISTRIES
+    )
     # the third value where a config gives one (no time limit, the notebook's epochs), else the paper's
     assert (epochs.run.max_seconds, epochs.run.max_epochs, epochs.dataset.val_size) == (None, 75, 0)
     assert (epochs.dataset.train_size, epochs.optimizer.batch_size) == (None, 1000)
     # the fourth value at cpu_long where a config gives one, else the cpu value
-    long = validate(compose_config("+experiment=ksd_mnist", "scale=cpu_long", "optimizer=ksd"))
+    long = validate(compose_config("+experiment=ksd_mnist", "scale=cpu_long", "optimizer=ksd"), REGISTRIES)
     assert (long.run.max_seconds, long.dataset.train_size, long.dataset.val_size) == (720, 10000, 1000)
     with pytest.raises(ConfigError, match="scale must be one of cpu, cpu_long, paper, paper_epochs"):
-        validate(compose_config("+experiment=kbfgs_mnist", "scale=gpu"))
+        validate(compose_config("+experiment=kbfgs_mnist", "scale=gpu"), REGISTRIES)
 
 
 def test_grid_sweeper_runs_each_optimizer_with_its_own_grid():
@@ -115,7 +119,7 @@ def test_experiment_is_a_valid_sweep_at_every_scale(name):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             for its_jobs in by_optimizer.values():
                 job = its_jobs[-1]  # the last point of its grid
-                validate(compose("config", [f"+experiment={name}", f"scale={scale}", *job]))
+                validate(compose("config", [f"+experiment={name}", f"scale={scale}", *job]), REGISTRIES)
 
 
 def test_the_cpu_set_stays_a_smoke_set():

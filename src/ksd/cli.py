@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ksd.config import ConfigError
+from ksd.errors import ConfigError
 from ksd.lock import OutputLocked, output_lock
 from ksd.results import WriteError, write_json
 

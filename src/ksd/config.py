@@ -2,34 +2,23 @@
 
 Hydra composes plain YAML from ``conf/``; :func:`validate` then merges every node into its
 dataclass schema, so an unknown key, a value of the wrong type or an impossible value is refused
-with one sentence (:class:`ConfigError`) before any data is read. Optimizer schemas live beside
-their optimizers (``Optimizer.Config``) and are found through :data:`ksd.optim.OPTIMIZERS`.
+with one sentence (:class:`~ksd.errors.ConfigError`) before any data is read. Optimizer schemas live
+beside their optimizers (``Optimizer.Config``). This module imports none of the registries above it: the
+names a node may take (data sets, models, activations, losses, optimizers) are checked by the registry
+that owns them, which the runner hands to :func:`validate` (:class:`Registries`, ``ksd.runner.REGISTRIES``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration a run cannot use; the message is one sentence meant for the user."""
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(message)
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none), to quote in a one-line error."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+from ksd.errors import ConfigError, require
 
 
 @dataclass
@@ -47,15 +36,7 @@ class DatasetConfig:
     torchvision: bool = False  # name is a class of torchvision.datasets (conf/dataset/torchvision.yaml)
     download: bool = False  # torchvision only: download the files into root when they are missing
 
-    def __post_init__(self) -> None:
-        from ksd.data import DATASETS
-        from ksd.data.tensors import NEEDS_PATH
-
-        require(
-            self.torchvision or self.name in DATASETS,
-            f"dataset.name must be one of {', '.join(DATASETS)}, got {self.name!r}.",
-        )
-        require(self.name != "tensors" or self.path is not None, NEEDS_PATH)
+    def __post_init__(self) -> None:  # after ksd.data.check_node: the data set's name and path
         require(not self.download or self.torchvision, "dataset.download is for dataset=torchvision only.")
         require(self.val_size >= 0, f"dataset.val_size must be >= 0, got {self.val_size}.")
         for key in ("train_size", "test_size"):
@@ -80,23 +61,7 @@ class ModelConfig:
     target: str | None = None  # custom only: model._target_, the class (or function) that builds the network
     kwargs: dict[str, Any] = field(default_factory=dict)  # custom only: its keyword arguments (_model_node)
 
-    def __post_init__(self) -> None:
-        from ksd.losses import LOSSES
-        from ksd.models import ACTIVATIONS, CNN_ARCHS, MODELS
-
-        require(self.name in MODELS, f"model.name must be one of {', '.join(MODELS)}, got {self.name!r}.")
-        require(
-            self.activation in ACTIVATIONS,
-            f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}.",
-        )
-        require(
-            self.arch in ("auto", *CNN_ARCHS),
-            f"model.arch must be auto or one of {', '.join(CNN_ARCHS)}, got {self.arch!r}.",
-        )
-        require(
-            self.loss is None or self.loss in LOSSES,
-            f"model.loss must be null or one of {', '.join(LOSSES)}, got {self.loss!r}.",
-        )
+    def __post_init__(self) -> None:  # after ksd.models.check_node: name, activation, arch and loss
         require(
             self.init in ("default", "sparse"), f"model.init must be default or sparse, got {self.init!r}."
         )
@@ -183,12 +148,31 @@ class Settings:
     device: str = "auto"
 
 
-def _merge(schema: type, node: Any, where: str) -> Any:
-    """Instantiate ``schema`` from ``node``, turning OmegaConf and schema errors into one sentence."""
+@dataclass(frozen=True)
+class Registries:
+    """What :func:`validate` needs from the registries above this module; the runner hands it over.
+
+    Each registry checks the names of its own node (the values it can build), so that the schemas here
+    import none of them. The checks see the node merged into its schema (types checked, defaults filled),
+    before the schema's own range checks in ``__post_init__``.
+    """
+
+    dataset: Callable[[Any], None]  # checks a dataset node: ksd.data.check_node
+    model: Callable[[Any], None]  # checks a model node: ksd.models.check_node
+    optimizer: Callable[[str], type]  # the Config schema of optimizer.name: ksd.optim.config_schema
+
+
+def _merge(schema: type, node: Any, where: str, check: Callable[[Any], None] | None = None) -> Any:
+    """Instantiate ``schema`` from ``node``, turning OmegaConf and schema errors into one sentence.
+
+    ``check`` (a registry's) sees the merged node before the schema's own checks run.
+    """
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{where} must be a mapping of keys, got {node!r}.")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        if check is not None:
+            check(merged)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
@@ -222,10 +206,9 @@ def _model_node(node: Any) -> Any:
     return OmegaConf.create({**ours, "target": node["_target_"], "kwargs": kwargs})
 
 
-def validate(cfg: DictConfig) -> Settings:
-    """Check the composed configuration against the schemas; raise :class:`ConfigError` if unusable."""
-    from ksd.optim import optimizer_class
-
+def validate(cfg: DictConfig, registries: Registries) -> Settings:
+    """Check the composed configuration against the schemas and the ``registries``' names; raise
+    :class:`ConfigError` if unusable."""
     try:  # resolve against the whole config first: the node-wise merges below lose the root (${by_scale:..})
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as err:
@@ -238,11 +221,11 @@ def validate(cfg: DictConfig) -> Settings:
     )
     opt_node = cfg.get("optimizer")
     require(isinstance(opt_node, DictConfig) and "name" in opt_node, "the optimizer config needs a name.")
-    opt_cls = optimizer_class(opt_node.name)
+    opt_schema = registries.optimizer(opt_node.name)
     return Settings(
-        dataset=_merge(DatasetConfig, cfg.dataset, "dataset"),
-        model=_merge(ModelConfig, _model_node(cfg.model), "model"),
-        optimizer=_merge(opt_cls.Config, opt_node, "optimizer"),
+        dataset=_merge(DatasetConfig, cfg.dataset, "dataset", registries.dataset),
+        model=_merge(ModelConfig, _model_node(cfg.model), "model", registries.model),
+        optimizer=_merge(opt_schema, opt_node, "optimizer"),
         run=_merge(RunConfig, cfg.run, "run"),
         logger=_merge(LoggerConfig, cfg.logger, "logger"),
         seed=cfg.seed,

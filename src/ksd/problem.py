@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ksd.config import require
 from ksd.data import Split, Splits
+from ksd.errors import require
 from ksd.losses import Loss
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -102,7 +102,7 @@ class Problem:
 
         Every parameter gets its own trainable view, so a parameter shared by two modules (tied weights)
         would silently come apart and a frozen one (``requires_grad=False``) would be trained: both are
-        refused (:class:`~ksd.config.ConfigError`), which matters for the users' own networks.
+        refused (:class:`~ksd.errors.ConfigError`), which matters for the users' own networks.
         """
         owners = [
             (module, prefix, name, p)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ksd import engine
-from ksd.config import ConfigError, Settings, validate
+from ksd import data, engine, models, optim
+from ksd.config import Registries, Settings, validate
 from ksd.data import DataError, load_dataset
+from ksd.errors import ConfigError
 from ksd.lock import output_lock, release
 from ksd.logging import build_loggers
 from ksd.models import build_model
@@ -27,6 +28,9 @@ from ksd.problem import Problem
 from ksd.results import WriteError, atomic_write, plot_convergence, write_json
 
 log = logging.getLogger("ksd")
+
+#: What config.validate needs from the registries, which check their own nodes; config imports none of them.
+REGISTRIES = Registries(dataset=data.check_node, model=models.check_node, optimizer=optim.config_schema)
 
 
 class RunError(Exception):
@@ -128,7 +132,7 @@ def _execute(cfg: DictConfig, out_dir: Path, progress: bool | None) -> tuple[dic
         "seed": cfg.get("seed"),
     }
     try:
-        settings = validate(cfg)
+        settings = validate(cfg, REGISTRIES)
         problem, optimizer, lines = prepare(settings)
     except (ConfigError, DataError) as err:
         summary["reason"] = str(err)

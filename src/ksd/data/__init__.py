@@ -17,16 +17,39 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ksd.errors import require
+
 from . import cifar10, curves, mnist, tensors, text, vision
 from .splits import DataError, DataSpec, RawData, Split, Splits, carve_indices, check_size
 
-__all__ = ["DATASETS", "DataError", "DataSpec", "Split", "Splits", "default_root", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DataSpec",
+    "Split",
+    "Splits",
+    "check_node",
+    "default_root",
+    "load_dataset",
+]
 
 DATASETS = ("mnist", "curves", "cifar10", "text", "tensors")
+
+
+def check_node(node: Any) -> None:
+    """The ``dataset`` node names a data set of this registry (``config.validate`` calls it, from the
+    runner)."""
+    require(
+        node.torchvision or node.name in DATASETS,
+        f"dataset.name must be one of {', '.join(DATASETS)}, got {node.name!r}.",
+    )
+    require(node.name != "tensors" or node.path is not None, tensors.NEEDS_PATH)
+
 
 _READERS: dict[str, Callable[[Path], RawData]] = {
     "mnist": mnist.read_mnist,

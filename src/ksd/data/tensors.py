@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ksd.config import one_line
+from ksd.errors import one_line
 
 from .splits import DataError, RawData
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ksd.config import ConfigError, Settings
+from ksd.config import Settings
+from ksd.errors import ConfigError
 
 
 def _has_api_key() -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from ksd.config import ConfigError, ModelConfig
+from ksd.config import ModelConfig
 from ksd.data import DataSpec
-from ksd.losses import Loss, build_loss
+from ksd.errors import ConfigError, require
+from ksd.losses import LOSSES, Loss, build_loss
 from ksd.models.autoencoder import PAPER_WIDTHS, autoencoder
 from ksd.models.charlm import DEFAULT_WIDTHS as CHARLM_WIDTHS
 from ksd.models.charlm import CharLM
@@ -18,6 +20,24 @@ from ksd.models.layers import ACTIVATIONS, sparse_init_
 from ksd.models.mlp import DEFAULT_WIDTHS, mlp
 
 MODELS = ("autoencoder", "mlp", "cnn", "charlm", "custom")
+
+
+def check_node(node: Any) -> None:
+    """The ``model`` node names a model, activation, CNN architecture and loss of this registry
+    (``config.validate`` calls it, from the runner)."""
+    require(node.name in MODELS, f"model.name must be one of {', '.join(MODELS)}, got {node.name!r}.")
+    require(
+        node.activation in ACTIVATIONS,
+        f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {node.activation!r}.",
+    )
+    require(
+        node.arch in ("auto", *CNN_ARCHS),
+        f"model.arch must be auto or one of {', '.join(CNN_ARCHS)}, got {node.arch!r}.",
+    )
+    require(
+        node.loss is None or node.loss in LOSSES,
+        f"model.loss must be null or one of {', '.join(LOSSES)}, got {node.loss!r}.",
+    )
 
 
 @dataclass
@@ -82,4 +102,4 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> BuiltModel:
     return BuiltModel(network, build_loss(loss_name), reconstructs, description)
 
 
-__all__ = ["ACTIVATIONS", "CNN_ARCHS", "MODELS", "BuiltModel", "build_model"]
+__all__ = ["ACTIVATIONS", "CNN_ARCHS", "MODELS", "BuiltModel", "build_model", "check_node"]

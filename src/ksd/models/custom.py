@@ -22,8 +22,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from ksd.config import ConfigError, ModelConfig, one_line
+from ksd.config import ModelConfig
 from ksd.data import DataSpec
+from ksd.errors import ConfigError, one_line
 
 
 def build_custom(cfg: ModelConfig, spec: DataSpec) -> tuple[nn.Module, str, str]:

@@ -1,7 +1,8 @@
 """Optimizers, each a module with one class that has a ``Config`` dataclass.
 
-:data:`OPTIMIZERS` maps the ``optimizer.name`` of a config to ``module:Class``; modules are
-imported only when used, so one optimizer's dependencies never slow the others down.
+:data:`OPTIMIZERS` (:mod:`ksd.optim.registry`) maps the ``optimizer.name`` of a config to
+``module:Class``; modules are imported only when used, so one optimizer's dependencies never slow the
+others down.
 
 The library API (:mod:`ksd.optim.api`): ``KSD``, ``HessianFree``, ``KBFGS``, ``KBFGSL``, ``KFAC``,
 ``ARCsLSR1``, ``LBFGS``, ``NonlinearCG``, ``SGD``, ``Adam``, ``RMSprop``, ``AdaGrad``, each built as
@@ -10,10 +11,6 @@ The library API (:mod:`ksd.optim.api`): ``KSD``, ``HessianFree``, ``KBFGS``, ``K
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
-from ksd.config import ConfigError
 from ksd.optim.api import (
     KBFGS,
     KBFGSL,
@@ -31,41 +28,7 @@ from ksd.optim.api import (
     RMSprop,
 )
 from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
-from ksd.problem import Problem
-
-OPTIMIZERS: dict[str, str] = {
-    "sgd": "ksd.optim.first_order:SGD",
-    "adam": "ksd.optim.first_order:Adam",
-    "rmsprop": "ksd.optim.first_order:RMSprop",
-    "adagrad": "ksd.optim.first_order:AdaGrad",
-    "lbfgs": "ksd.optim.lbfgs:LBFGS",
-    "ncg": "ksd.optim.ncg:NonlinearCG",
-    "hf": "ksd.optim.hf:HessianFree",
-    "ksd": "ksd.optim.ksd:KrylovSubspaceDescent",
-    "kbfgs": "ksd.optim.kbfgs:KBFGS",
-    "kbfgs_l": "ksd.optim.kbfgs:KBFGSL",
-    "kfac": "ksd.optim.kfac:KFAC",
-    "arcs_lsr1": "ksd.optim.arcs_lsr1:ARCsLSR1",
-}
-
-
-def available() -> list[str]:
-    """Names of the optimizers whose module exists in this installation."""
-    return [name for name in OPTIMIZERS if importlib.util.find_spec(OPTIMIZERS[name].split(":")[0])]
-
-
-def optimizer_class(name: str) -> type[Optimizer]:
-    """The optimizer class registered as ``name``."""
-    if name not in OPTIMIZERS or name not in available():
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(available())}.")
-    module, cls = OPTIMIZERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def build_optimizer(config: OptimizerConfig, problem: Problem) -> Optimizer:
-    """The optimizer described by a validated config, bound to ``problem``."""
-    return optimizer_class(config.name)(problem, config)
-
+from ksd.optim.registry import OPTIMIZERS, available, build_optimizer, config_schema, optimizer_class
 
 __all__ = [
     "KBFGS",
@@ -89,4 +52,6 @@ __all__ = [
     "Stats",
     "available",
     "build_optimizer",
+    "config_schema",
+    "optimizer_class",
 ]

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from ksd.data.splits import DataSpec, Split, Splits
 from ksd.losses import LOSSES, Loss, build_loss
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
+from ksd.optim.registry import optimizer_class
 from ksd.problem import Problem
 
 #: Config fields the library API does not take: the method's name, and the batch (handed to ``step``).
@@ -90,8 +91,6 @@ class ModelOptimizer:
         max_chunk: int = 10_000,
         **hyperparameters: Any,
     ) -> None:
-        from ksd.optim import optimizer_class  # the registry imports this module
-
         implementation = optimizer_class(self.method)
         self.config = self._config(implementation.Config, hyperparameters)
         parameter = next(model.parameters(), None)

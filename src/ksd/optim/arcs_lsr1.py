@@ -85,7 +85,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ksd.config import require
+from ksd.errors import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.lsr1 import (
     CompactEigen,

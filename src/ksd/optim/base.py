@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ksd.config import require
+from ksd.errors import require
 from ksd.problem import Batch, Problem
 
 Stats = dict[str, Tensor | float | int]

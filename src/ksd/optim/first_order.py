@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ksd.config import require
+from ksd.errors import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.problem import Problem
 

@@ -77,8 +77,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ksd.config import require
 from ksd.curvature import ggn_operator, loss_gradient_and_squared_gradients
+from ksd.errors import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.linalg import conjugate_gradient
 from ksd.problem import Batch, Problem

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ksd.config import require
+from ksd.errors import require
 from ksd.optim.kronecker import (
     KroneckerLayer,
     KroneckerOptimizer,

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ksd.config import require
+from ksd.errors import require
 from ksd.losses import Loss
 from ksd.optim.kronecker import KroneckerOptimizer, damped_inverse
 from ksd.problem import Problem

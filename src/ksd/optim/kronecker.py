@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ksd.config import ConfigError, require
+from ksd.errors import ConfigError, require
 from ksd.optim.base import Optimizer, OptimizerConfig
 from ksd.problem import Batch, Problem
 

@@ -98,8 +98,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ksd.config import require
 from ksd.curvature import ggn_operator, hessian_operator, per_example_squared_gradients
+from ksd.errors import require
 from ksd.optim.base import Diverged, Optimizer, OptimizerConfig, Stats
 from ksd.optim.linalg import inner_products, strong_wolfe
 from ksd.problem import Batch, Problem

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ksd.config import require
+from ksd.errors import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.linalg import LineSearchResult, strong_wolfe, two_loop_recursion
 from ksd.problem import Batch, Problem

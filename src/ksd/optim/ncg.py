@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ksd.config import require
+from ksd.errors import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
 from ksd.optim.lbfgs import search_along
 from ksd.problem import Problem
