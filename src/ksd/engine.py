@@ -13,10 +13,21 @@ it at the next step boundary with a checkpoint. Training wall time excludes eval
 with the device synchronised at evaluation points only; nothing inside a step forces a host
 synchronisation. A non-finite loss, or an
 optimizer raising :class:`Diverged`, ends the run with ``status = "diverged"`` and the reason.
+
+With ``run.on_divergence = rewind`` the engine keeps, in memory, the state of the last evaluation that
+looked healthy (θ, the optimizer's state, the random generators, the data position and work counts). A
+divergence — the optimizer raising :class:`Diverged`, a non-finite training loss at an evaluation, or a
+training loss more than ``run.rewind_loss_factor`` times the last healthy evaluation's — then restores
+that state and continues with ``optimizer.step_scale`` halved (``0.5ᵏ`` after k rewinds; what it scales
+is each method's ``step_scale_applies_to``). A rewind is a row of its own (``rewind``, ``step_scale``,
+``rewind_reason``, ``rewound_loss``, but no ``train_loss``, so curves skip it); its wall time counts. The
+divergence after ``run.max_rewinds`` rewinds ends the run as diverged. Steps, epochs and work counts
+are those of the trajectory: after a rewind they continue from the restored evaluation.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import sys
@@ -43,6 +54,7 @@ class RunOutcome:
     wall_time: float
     rows: list[dict[str, Any]] = field(default_factory=list)
     signal: int | None = None  # the stop signal of an interrupted run
+    rewinds: int = 0  # run.on_divergence=rewind: rewinds made
 
 
 def synchronize(device: torch.device) -> None:
@@ -155,6 +167,7 @@ class Trainer:
         self.stats: dict[str, Any] = {}
         self.finite = torch.ones((), dtype=torch.bool, device=problem.device)
         self.bar = None
+        self._healthy: dict[str, Any] | None = None  # rewind: the state of the last healthy evaluation
 
     @property
     def last_recorded(self) -> int | None:
@@ -173,6 +186,7 @@ class Trainer:
             "problem": self.problem.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "rewinds": self.outcome.rewinds,
         }
         if self.problem.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.problem.device)
@@ -189,27 +203,97 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.problem.device)
+        self.outcome.rewinds = state.get("rewinds", 0)
+        self.optimizer.step_scale = 0.5**self.outcome.rewinds
+
+    # ------------------------------------------------------------------ rewinds
+    @property
+    def _rewinding(self) -> bool:
+        return self.cfg.on_divergence == "rewind"
+
+    def _keep_healthy(self) -> None:
+        """Remember the current state as the one to rewind to (a copy: training changes tensors in place)."""
+        state = self.state_dict()
+        self._healthy = copy.deepcopy({k: state[k] for k in ("steps", "problem", "optimizer", "torch_rng")})
+        if "cuda_rng" in state:
+            self._healthy["cuda_rng"] = state["cuda_rng"]
+
+    def _can_rewind(self) -> bool:
+        return self._rewinding and self._healthy is not None and self.outcome.rewinds < self.cfg.max_rewinds
+
+    def _rewind(self, reason: str, loss: float | None) -> None:
+        """Write the rewind's row, restore the last healthy state and halve the step size."""
+        outcome, problem = self.outcome, self.problem
+        outcome.rewinds += 1
+        scale = 0.5**outcome.rewinds
+        row = {
+            **self._position(),
+            "rewind": outcome.rewinds,
+            "step_scale": scale,
+            "rewind_reason": reason,
+            "rewound_loss": loss,
+        }
+        outcome.rows.append(row)
+        self.on_row(row)
+        healthy = copy.deepcopy(self._healthy)  # a second rewind may need it again
+        outcome.steps = healthy["steps"]
+        problem.load_state_dict(healthy["problem"])
+        self.optimizer.load_state_dict(healthy["optimizer"])
+        torch.set_rng_state(healthy["torch_rng"])
+        if "cuda_rng" in healthy:
+            torch.cuda.set_rng_state(healthy["cuda_rng"], problem.device)
+        self.optimizer.step_scale = scale
+        self.finite.fill_(True)
+        self.stats = {}
+
+    def _divergence(self, train_loss: float) -> str | None:
+        """Why the run looks diverged at this evaluation, or None."""
+        if not bool(self.finite) or not math.isfinite(train_loss):
+            return f"non-finite training loss by step {self.outcome.steps}"
+        healthy = self._last_healthy_loss()
+        if self._rewinding and healthy is not None and train_loss > self.cfg.rewind_loss_factor * healthy:
+            return (
+                f"training loss {train_loss:.4g} at step {self.outcome.steps} is more than "
+                f"{self.cfg.rewind_loss_factor:g} × the last evaluation's {healthy:.4g}"
+            )
+        return None
+
+    def _last_healthy_loss(self) -> float | None:
+        for row in reversed(self.outcome.rows):
+            if "train_loss" in row:
+                return row["train_loss"]
+        return None
 
     # ------------------------------------------------------------------ the loop
-    def _record(self) -> bool:
-        """Evaluate and write a row; False when the run has diverged."""
-        problem, outcome = self.problem, self.outcome
-        counts = problem.counts
-        row: dict[str, Any] = {
-            "step": outcome.steps,
+    def _position(self) -> dict[str, Any]:
+        problem, counts = self.problem, self.problem.counts
+        return {
+            "step": self.outcome.steps,
             "epoch": problem.epoch,
             "passes": (counts.gradient + counts.forward + counts.curvature) / problem.n_train,
             "wall_time": self.clock.elapsed,
-            **evaluate(problem, self.cfg.eval_train_size),
         }
+
+    def _record(self) -> bool:
+        """Evaluate and write a row (or rewind); False when the run has diverged."""
+        problem, outcome = self.problem, self.outcome
+        metrics = evaluate(problem, self.cfg.eval_train_size)
+        reason = self._divergence(metrics["train_loss"])
+        if reason is not None and self._can_rewind():
+            self._rewind(reason, metrics["train_loss"])
+            return True
+        row: dict[str, Any] = {**self._position(), **metrics}
         row.update({k: _scalar(v) for k, v in self.stats.items() if k != "loss"})
         outcome.rows.append(row)
         self.on_row(row)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)
-        if not bool(self.finite) or not math.isfinite(row["train_loss"]):
-            outcome.status, outcome.reason = "diverged", f"non-finite training loss by step {outcome.steps}"
+        if reason is not None:
+            outcome.status = "diverged"
+            outcome.reason = reason if not outcome.rewinds else f"{reason}, after {outcome.rewinds} rewinds"
             return False
+        if self._rewinding:
+            self._keep_healthy()
         every = self.cfg.checkpoint_every
         if self.checkpoint is not None and every and len(outcome.rows) % every == 0:
             self.checkpoint(self.state_dict())
@@ -239,6 +323,8 @@ class Trainer:
         with _Signals() as signals:
             self.clock.start()
             while ok and self._budget_left():
+        if ok and self._rewinding and self._healthy is None:  # resumed from a checkpoint
+            self._keep_healthy()
                 if signals.received is not None:
                     self.clock.pause()
                     outcome.status = "interrupted"
@@ -252,8 +338,15 @@ class Trainer:
                 except (Diverged, torch.linalg.LinAlgError, FloatingPointError) as err:
                     self.clock.pause()
                     self._record()  # before the reason: its own non-finite-loss reason must not replace it
-                    outcome.status, outcome.reason = "diverged", f"{type(err).__name__}: {err}"
+                    outcome.status, outcome.reason = "diverged", reason
+                    if outcome.rewinds:
+                        outcome.reason += f", after {outcome.rewinds} rewinds"
                     break
+                    reason = f"{type(err).__name__}: {err}"
+                    if self._can_rewind():
+                        self._rewind(reason, None)
+                        self.clock.start()
+                        continue
                 if "loss" in self.stats:
                     self.finite &= torch.isfinite(torch.as_tensor(self.stats["loss"], device=problem.device))
                 outcome.steps += 1

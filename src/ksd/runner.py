@@ -70,6 +70,8 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
             f"optimizer.batch_size={batch_size} is larger than the {len(splits.train)} training examples; "
             "lower it or set it to null for full-batch training."
         )
+    dtype = getattr(torch, settings.dtype)
+    splits = splits.to_float(dtype)
     torch.manual_seed(settings.seed)
     built = build_model(settings.model, splits.spec)
     augment = None
@@ -78,7 +80,7 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
 
         augment = augment_cifar
     problem = Problem(
-        built.network.to(device),
+        built.network.to(device, dtype),
         built.loss,
         splits,
         autoencoder=built.autoencoder,
@@ -94,7 +96,7 @@ def prepare(settings: Settings) -> tuple[Problem, Any, list[str]]:
         *splits.notes,
         f"model: {built.description}",
         f"optimizer: {settings.optimizer}",
-        f"device: {device}",
+        f"device: {device}, {settings.dtype}",
     ]
     return problem, optimizer, lines
 
@@ -165,6 +167,7 @@ def _execute(cfg: DictConfig, out_dir: Path, progress: bool | None) -> tuple[dic
         steps=outcome.steps,
         epochs=outcome.epochs,
         wall_time=outcome.wall_time,
+        rewinds=outcome.rewinds,
         n_params=problem.n_params,
         data_source=problem.splits.spec.source,
         notes=lines,

@@ -54,6 +54,15 @@ class Splits:
     spec: DataSpec
     notes: list[str] = field(default_factory=list)
 
+    def to_float(self, dtype: torch.dtype) -> Splits:
+        """The same splits with floating-point inputs in ``dtype`` (labels and character indices unchanged)."""
+
+        def cast(split: Split) -> Split:
+            floating = split.inputs.is_floating_point()
+            return Split(split.inputs.to(dtype) if floating else split.inputs, split.labels)
+
+        return Splits(cast(self.train), cast(self.val), cast(self.test), self.spec, self.notes)
+
 
 @dataclass
 class RawData:

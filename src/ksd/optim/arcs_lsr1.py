@@ -132,6 +132,8 @@ def solve_cubic_subproblem(
 
 
 class ARCsLSR1(Optimizer):
+    step_scale_applies_to = "1 / σ (the cubic weight is divided by it)"
+
     @dataclass
     class Config(OptimizerConfig):
         name: str = "arcs_lsr1"
@@ -207,7 +209,7 @@ class ARCsLSR1(Optimizer):
     def step(self) -> Stats:
         c, st, theta, memory = self.config, self.state, self.problem.theta, self.memory
         batch, loss, grad, full_batch = self.batch_and_gradient()
-        sigma, gamma = st["sigma"], st["gamma"]
+        sigma, gamma = st["sigma"] / self.step_scale, st["gamma"]
         f64 = torch.float64
         k = len(self.eigen.eigenvalues)
 
@@ -250,7 +252,7 @@ class ARCsLSR1(Optimizer):
         self.check_finite("loss or gradient at the current point", f, gg)
         rho = (f - f_trial) / -model_value if model_value < 0 else -math.inf
         accepted = math.isfinite(f_trial) and rho >= c.eta1
-        st["sigma"] = next_sigma(sigma, rho, c)
+        st["sigma"] = next_sigma(st["sigma"], rho, c)
         if accepted:
             theta.add_(step)
         sr1_defined = math.isfinite(sr) and ss > 0 and abs(sr) >= c.skip_tolerance * math.sqrt(ss * rr)

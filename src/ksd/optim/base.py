@@ -50,7 +50,15 @@ class Optimizer(ABC):
     performs one update and ``state_dict``/``load_state_dict`` capture everything needed to resume.
     ``step`` returns statistics of the update (tensors are fine: the engine reads them only at
     evaluation time, so no host synchronisation is forced inside a step).
+
+    ``step_scale`` multiplies the method's step size; it is 1 (the configured method) unless the engine
+    rewinds a diverging run (``run.on_divergence=rewind``), which halves it per rewind. Each method
+    applies it to its own step-size parameter, named in :attr:`step_scale_applies_to`. It is not part of
+    :meth:`state_dict`: the engine owns it and sets it again after every restore.
     """
+
+    #: what ``step_scale`` multiplies (divides, for a damping or regularisation weight), for the docs
+    step_scale_applies_to: ClassVar[str] = "lr"
 
     Config: ClassVar[type[OptimizerConfig]] = OptimizerConfig
 
@@ -58,6 +66,7 @@ class Optimizer(ABC):
         self.problem = problem
         self.config = config if config is not None else self.Config(name=type(self).__name__.lower())
         self.state: dict[str, Any] = {}
+        self.step_scale = 1.0
 
     @abstractmethod
     def step(self) -> Stats:

@@ -27,6 +27,8 @@ class _TorchOptimizer(Optimizer):
         raise NotImplementedError
 
     def step(self) -> Stats:
+        for group in self.torch_optimizer.param_groups:  # a restored state_dict brings its own lr
+            group["lr"] = self.config.lr * self.step_scale
         self.torch_optimizer.zero_grad(set_to_none=True)
         loss = self.problem.backward(self.next_batch())
         self.torch_optimizer.step()

@@ -88,6 +88,8 @@ RHO_LOW, RHO_HIGH = 0.25, 0.75
 
 
 class HessianFree(Optimizer):
+    step_scale_applies_to = "1 / λ (the damping is divided by it)"
+
     @dataclass
     class Config(OptimizerConfig):
         name: str = "hf"
@@ -153,7 +155,7 @@ class HessianFree(Optimizer):
 
     def step(self) -> Stats:
         c, st, problem = self.config, self.state, self.problem
-        theta, damping = problem.theta, st["damping"]
+        theta, damping = problem.theta, st["damping"] / self.step_scale
         self.check_chunks()
         batch = self.next_batch()
         if c.preconditioner:  # one pass for the gradient and the squared per-example gradients
@@ -201,9 +203,9 @@ class HessianFree(Optimizer):
             f_step = self._objective(batch, theta + rate * step)
 
         if not rho >= RHO_LOW:  # also NaN
-            st["damping"] = damping * c.damping_factor
+            st["damping"] *= c.damping_factor
         elif rho > RHO_HIGH:
-            st["damping"] = damping / c.damping_factor
+            st["damping"] /= c.damping_factor
         if rate > 0:
             theta.add_(step, alpha=rate)
         st["iteration"] += 1

@@ -414,10 +414,10 @@ class KroneckerOptimizer(Optimizer):
         self.state.update(step=0, momentum=torch.zeros_like(problem.theta))
 
     def learning_rate(self) -> float:
-        """``lr · factor^k`` with k the number of ``lr_decay_epochs`` already reached."""
+        """``lr · factor^k · step_scale`` with k the number of ``lr_decay_epochs`` already reached."""
         c = self.config
         passed = sum(self.problem.epoch >= e for e in c.lr_decay_epochs)
-        return c.lr * c.lr_decay_factor**passed
+        return c.lr * c.lr_decay_factor**passed * self.step_scale
 
     def momentum_gradient(self, grad: Tensor) -> Tensor:
         """``M ← ρ M + (1 − ρ) g`` (authors' ``model_grad_momentum``; no bias correction)."""

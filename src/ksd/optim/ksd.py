@@ -154,6 +154,8 @@ class SubspaceMinimum:
 
 
 class KrylovSubspaceDescent(Optimizer):
+    step_scale_applies_to = "the subspace step Vᵀa*"
+
     @dataclass
     class Config(OptimizerConfig):
         name: str = "ksd"
@@ -285,6 +287,8 @@ class KrylovSubspaceDescent(Optimizer):
         if previous is None:
             previous = self.state["previous_step"] = torch.empty_like(self.problem.theta)
         torch.mv(V.T, minimum.coefficients.to(V), out=previous)
+        if self.step_scale != 1.0:
+            previous.mul_(self.step_scale)
         self.problem.theta.add_(previous)
         self.state["iteration"] += 1
         gram = inner_products(V, V)  # float64 accumulation: a float32 V Vᵀ is off by ~5e-6 on the CPU

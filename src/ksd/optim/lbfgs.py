@@ -63,6 +63,8 @@ def search_along(
 
 
 class LBFGS(Optimizer):
+    step_scale_applies_to = "lr, the first trial step of the line search (or the fixed step)"
+
     @dataclass
     class Config(OptimizerConfig):
         name: str = "lbfgs"
@@ -103,7 +105,8 @@ class LBFGS(Optimizer):
         slope = grad.dot(direction).item()
         if slope > -c.tolerance_change:
             return {"loss": loss, "step_size": 0.0, "evaluations": 0}
-        t = min(1.0, 1.0 / grad.abs().sum().item()) * c.lr if st["iteration"] == 0 else c.lr
+        lr = c.lr * self.step_scale
+        t = min(1.0, 1.0 / grad.abs().sum().item()) * lr if st["iteration"] == 0 else lr
         if c.line_search == "strong_wolfe":
             result = search_along(self, batch, direction, loss, grad, t, slope)
             t, new_loss, new_grad, evaluations = result.step, result.loss, result.grad, result.evaluations

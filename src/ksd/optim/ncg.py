@@ -46,6 +46,8 @@ VARIANTS = ("polak_ribiere", "fletcher_reeves")
 
 
 class NonlinearCG(Optimizer):
+    step_scale_applies_to = "the first trial step of the line search"
+
     @dataclass
     class Config(OptimizerConfig):
         name: str = "ncg"
@@ -107,9 +109,9 @@ class NonlinearCG(Optimizer):
         if slope > -c.tolerance_change:
             return {"loss": loss, "step_size": 0.0, "evaluations": 0, "beta": beta}
         if st["decrease"] is None:
-            t = min(1.0, 1.0 / grad.abs().sum().item()) * c.lr
+            t = min(1.0, 1.0 / grad.abs().sum().item()) * c.lr * self.step_scale
         else:
-            t = st["decrease"] / slope
+            t = st["decrease"] / slope * self.step_scale
         result = search_along(self, batch, direction, loss, grad, t, slope)
         st["iteration"] += 1
         st["grad"], st["grad_norm2"] = grad, grad.dot(grad).item()
