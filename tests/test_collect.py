@@ -214,3 +214,14 @@ def test_optimizer_colours_are_fixed_and_distinct():
     assert color("sgd") == COLORS["sgd"]
     assert color("my_method") == "#cedb9c"  # tab20b, picked by the name's CRC-32: the same in every run
     assert color("my_method").startswith("#")
+
+
+def test_time_to_target_uses_the_target_of_each_scale(tmp_path):
+    """One experiment at two scales with targets 5 (cpu) and 3 (paper_epochs): each run is timed to its own."""
+    for scale, target in (("cpu", 5.0), ("paper_epochs", 3.0)):
+        cfg = {**config("sgd", 0, lr=0.1), "scale": scale, "experiment": {**EXPERIMENT, "target": target}}
+        # training losses 10, 4, 2 at 0, 1, 2 s: ≤ 5 at 1 s, ≤ 3 at 2 s
+        write_run(tmp_path / f"toy-{scale}", "sgd", cfg, "completed", curve(1.0, 0.5, (10.0, 4.0, 2.0)))
+    selection = select(collect([tmp_path / "toy-cpu", tmp_path / "toy-paper_epochs"])).set_index("scale")
+    assert selection.loc["cpu", "time_to_target_mean"] == pytest.approx(1.0)
+    assert selection.loc["paper_epochs", "time_to_target_mean"] == pytest.approx(2.0)

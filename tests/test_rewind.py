@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_faults import make
 
-from ksd.config import ConfigError, RunConfig
+from ksd.config import RunConfig
+from ksd.errors import ConfigError
 from ksd.engine import Trainer
 from ksd.optim import OPTIMIZERS
 

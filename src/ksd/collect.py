@@ -346,8 +346,9 @@ def _tuned(setting: str, all_settings: Iterable[str]) -> str:
 
 
 def _time_to_targets(table: pd.DataFrame) -> pd.Series:
+    """Per run, the time to its own experiment's target: ``experiment.target`` depends on the scale."""
     parts = []
-    for _, runs in table.groupby("experiment", sort=False):
+    for _, runs in table.groupby(["experiment", "scale"], sort=False, dropna=False):
         metric = first_value(runs, "experiment.train_metric") or "train_loss"
         target = first_value(runs, "experiment.target")
         if target is not None and np.isfinite(float(target)):

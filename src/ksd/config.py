@@ -86,6 +86,7 @@ class RunConfig:
     max_seconds: float | None = None  # stop after this much training wall time (evaluation excluded)
     eval_every: int = 50  # evaluate every N steps (and always at the start and the end)
     eval_seconds: float | None = None  # also evaluate once this much training time passed since the last row
+    eval_epochs: float | None = None  # also evaluate once this many epochs passed since the last row
     eval_train_size: int | None = 10_000  # examples of the training set for train_loss (None: all)
     max_chunk: int = 10_000  # largest number of examples pushed through the network at once
     compile_curvature: bool = False  # torch.compile the curvature products of HF and KSD (ksd.curvature)
@@ -109,6 +110,10 @@ class RunConfig:
         require(
             self.eval_seconds is None or self.eval_seconds > 0,
             f"run.eval_seconds must be positive or null, got {self.eval_seconds}.",
+        )
+        require(
+            self.eval_epochs is None or self.eval_epochs > 0,
+            f"run.eval_epochs must be positive or null, got {self.eval_epochs}.",
         )
         require(self.max_chunk >= 1, f"run.max_chunk must be >= 1, got {self.max_chunk}.")
         require(

@@ -300,12 +300,15 @@ class Trainer:
         return True
 
     def _evaluation_due(self) -> bool:
-        """Every ``eval_every`` steps, or once ``eval_seconds`` of training time passed since the last row."""
+        """Every ``eval_every`` steps, or once ``eval_epochs`` epochs or ``eval_seconds`` of training time
+        passed since the last row (the first two do not depend on the machine's speed, the last does)."""
         cfg = self.cfg
         if self.outcome.steps % cfg.eval_every == 0:
             return True
-        last = self.outcome.rows[-1]["wall_time"] if self.outcome.rows else 0.0
-        return cfg.eval_seconds is not None and self.clock.now() - last >= cfg.eval_seconds
+        last = self.outcome.rows[-1] if self.outcome.rows else {"epoch": 0.0, "wall_time": 0.0}
+        if cfg.eval_epochs is not None and self.problem.epoch - last["epoch"] >= cfg.eval_epochs:
+            return True
+        return cfg.eval_seconds is not None and self.clock.now() - last["wall_time"] >= cfg.eval_seconds
 
     def _budget_left(self) -> bool:
         cfg, problem = self.cfg, self.problem
