@@ -181,6 +181,10 @@ def test_full_disk_while_writing_metrics_one_line_then_resume(tmp_path, data_roo
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in "".join(log.read_text() for log in out.glob("*.log"))
+    # a single run ends with one line: what it reached and where its files are
+    closing = result.stdout.strip().splitlines()[-1]
+    assert closing.startswith("ksd-run: completed after 3 steps, ") and "train loss " in closing, closing
+    assert closing.endswith(f"files in {out}/ (metrics.csv, summary.json)"), closing
     with open(out / "metrics.csv", newline="") as f:
         assert [int(row["step"]) for row in csv.DictReader(f)] == [0, 1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"

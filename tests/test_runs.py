@@ -163,3 +163,42 @@ def test_budget_in_epochs_is_respected(tmp_path, monkeypatch, data_root):
     )
     assert summary["steps"] == 20 and summary["epochs"] == pytest.approx(2.0)
     assert [int(r["step"]) for r in rows] == [0, 7, 14, 20]
+
+
+def test_evaluations_by_epochs_do_not_depend_on_the_clock(tmp_path, monkeypatch, data_root):
+    """run.eval_epochs: a row whenever half an epoch of gradient examples passed (every 5 steps of 100
+    of 1,000 examples), besides every run.eval_every steps; nothing here depends on how fast steps are."""
+    _summary, rows = run(
+        tmp_path,
+        monkeypatch,
+        data_root,
+        "dataset=mnist",
+        "optimizer=sgd",
+        "model.widths=[32,8]",
+        "dataset.train_size=1000",
+        "dataset.test_size=100",
+        "optimizer.batch_size=100",
+        "run.max_epochs=2",
+        "run.eval_every=7",
+        "run.eval_epochs=0.5",
+        "run.eval_seconds=null",
+    )
+    assert [int(r["step"]) for r in rows] == [0, 5, 7, 12, 14, 19, 20]
+
+
+def test_closing_line_says_what_was_reached_and_where(tmp_path):
+    from ksd.cli import closing_line
+
+    (tmp_path / "metrics.csv").write_text("step\n")
+    summary = {"status": "completed", "steps": 12, "epochs": 80.25, "wall_time": 101.26,
+               "final": {"train_loss": 104.83, "test_loss": 104.2, "val_loss": 104.5}}
+    assert closing_line(summary, tmp_path) == (
+        "ksd-run: completed after 12 steps, 80.25 epochs, 101.3 s of training: train loss 104.8, "
+        f"test loss 104.2; files in {tmp_path}/ (metrics.csv)"
+    )
+    diverged = {"status": "diverged", "reason": "non-finite training loss by step 3", "steps": 3,
+                "epochs": 0.3, "wall_time": 0.5, "final": {}}
+    assert closing_line(diverged, tmp_path).startswith(
+        "ksd-run: diverged (non-finite training loss by step 3) after 3 steps, 0.30 epochs, 0.5 s of "
+        "training: no evaluation; "
+    )

@@ -63,7 +63,10 @@ def _main(cfg: DictConfig) -> dict | None:
     if multirun and "group" in cfg.logger and cfg.logger.group is None:
         cfg.logger.group = Path(hydra_cfg.sweep.dir).name
     try:
-        return execute(cfg, out_dir)
+        summary = execute(cfg, out_dir)
+        if not multirun:
+            print(closing_line(summary, out_dir), flush=True)
+        return summary
     except (ConfigError, DataError, OutputLocked, WriteError) as err:
         return _refuse(err, multirun)
     except Exception as err:
@@ -77,6 +80,28 @@ def _main(cfg: DictConfig) -> dict | None:
         except (OutputLocked, WriteError) as why:
             log.error("no summary.json recorded: %s", why)
         return None
+
+
+def closing_line(summary: dict, out_dir: Path) -> str:
+    """The last line of a single run: what it reached and where its files are."""
+    final = summary.get("final") or {}
+    losses = ", ".join(
+        f"{name.replace('_', ' ')} {final[name]:.4g}" for name in ("train_loss", "test_loss") if name in final
+    )
+    status = summary.get("status", "?")
+    why = f" ({summary['reason']})" if status != "completed" and summary.get("reason") else ""
+    try:
+        where = out_dir.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        where = out_dir
+    files = ", ".join(f for f in ("metrics.csv", "summary.json", "convergence.png") if (out_dir / f).exists())
+    steps, epochs = summary.get("steps", 0), summary.get("epochs", 0.0)
+    seconds = summary.get("wall_time", 0.0)
+    return (
+        f"ksd-run: {status}{why} after {steps} steps, {epochs:.2f} epochs, {seconds:.1f} s of training: "
+        f"{losses or 'no evaluation'}; "
+        f"files in {where}/ ({files})"
+    )
 
 
 def _refuse(err: Exception, multirun: bool) -> None:
@@ -110,7 +135,7 @@ def _completed_run(out_dir: Path, cfg: DictConfig) -> dict | None:
 def _result_defining(config: dict) -> dict:
     """What decides a run's result; not where the data lives, the device, the logger or the plots."""
     run = config.get("run") or {}
-    budget = ("max_epochs", "max_steps", "max_seconds", "eval_every", "eval_train_size")
+    budget = ("max_epochs", "max_steps", "max_seconds", "eval_every", "eval_epochs", "eval_train_size")
     return {
         "dataset": {k: v for k, v in (config.get("dataset") or {}).items() if k != "root"},
         "model": config.get("model"),
