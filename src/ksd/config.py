@@ -94,10 +94,10 @@ class RunConfig:
     plot: bool = True  # write convergence.png at the end
     skip_completed: bool = True  # ksd-run returns at once if out dir has a completed run of this config
     checkpoint_every: int = 10  # write checkpoint.pt every N evaluations (0: only on SIGTERM/SIGUSR2)
-
     on_divergence: str = "stop"  # stop: end the run as diverged | rewind: back to the last evaluation (engine)
     rewind_loss_factor: float = 10.0  # rewind: also when train_loss > this × the last evaluation's
     max_rewinds: int = 5  # rewind: the run is diverged at the divergence after this many rewinds
+
     def __post_init__(self) -> None:
         require(
             any(v is not None for v in (self.max_epochs, self.max_steps, self.max_seconds)),
@@ -123,11 +123,6 @@ class RunConfig:
             self.eval_train_size is None or self.eval_train_size > 0,
             f"run.eval_train_size must be positive or null, got {self.eval_train_size}.",
         )
-
-
-@dataclass
-class LoggerConfig:
-    """``logger`` group: metrics always go to CSV; ``wandb`` also mirrors them to Weights & Biases."""
         require(
             self.on_divergence in ("stop", "rewind"),
             f"run.on_divergence must be stop or rewind, got {self.on_divergence!r}.",
@@ -137,6 +132,11 @@ class LoggerConfig:
             f"run.rewind_loss_factor must be > 1, got {self.rewind_loss_factor}.",
         )
         require(self.max_rewinds >= 1, f"run.max_rewinds must be >= 1, got {self.max_rewinds}.")
+
+
+@dataclass
+class LoggerConfig:
+    """``logger`` group: metrics always go to CSV; ``wandb`` also mirrors them to Weights & Biases."""
 
     name: str = "csv"  # csv | wandb
     project: str = "ksd-run"
@@ -163,12 +163,12 @@ class Settings:
     logger: LoggerConfig
     seed: int = 0
     device: str = "auto"
+    dtype: str = "float32"  # float32 | float64: the parameters, the data's floats and every computation
 
 
 @dataclass(frozen=True)
 class Registries:
     """What :func:`validate` needs from the registries above this module; the runner hands it over.
-    dtype: str = "float32"  # float32 | float64: the parameters, the data's floats and every computation
 
     Each registry checks the names of its own node (the values it can build), so that the schemas here
     import none of them. The checks see the node merged into its schema (types checked, defaults filled),
@@ -237,18 +237,18 @@ def validate(cfg: DictConfig, registries: Registries) -> Settings:
         device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:"),
         f"device must be auto, cpu or cuda, got {device!r}.",
     )
+    dtype = cfg.get("dtype", "float32")
+    require(dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {dtype!r}.")
     opt_node = cfg.get("optimizer")
     require(isinstance(opt_node, DictConfig) and "name" in opt_node, "the optimizer config needs a name.")
     opt_schema = registries.optimizer(opt_node.name)
     return Settings(
         dataset=_merge(DatasetConfig, cfg.dataset, "dataset", registries.dataset),
-    dtype = cfg.get("dtype", "float32")
-    require(dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {dtype!r}.")
         model=_merge(ModelConfig, _model_node(cfg.model), "model", registries.model),
         optimizer=_merge(opt_schema, opt_node, "optimizer"),
         run=_merge(RunConfig, cfg.run, "run"),
         logger=_merge(LoggerConfig, cfg.logger, "logger"),
         seed=cfg.seed,
         device=device,
-    )
         dtype=dtype,
+    )
