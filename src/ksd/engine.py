@@ -323,11 +323,11 @@ class Trainer:
         outcome, problem = self.outcome, self.problem
         self.bar = _progress_bar(self.cfg, self.progress)
         ok = self._record() if self.last_recorded is None else True
+        if ok and self._rewinding and self._healthy is None:  # resumed from a checkpoint
+            self._keep_healthy()
         with _Signals() as signals:
             self.clock.start()
             while ok and self._budget_left():
-        if ok and self._rewinding and self._healthy is None:  # resumed from a checkpoint
-            self._keep_healthy()
                 if signals.received is not None:
                     self.clock.pause()
                     outcome.status = "interrupted"
@@ -340,16 +340,16 @@ class Trainer:
                     self.stats = self.optimizer.step()
                 except (Diverged, torch.linalg.LinAlgError, FloatingPointError) as err:
                     self.clock.pause()
-                    self._record()  # before the reason: its own non-finite-loss reason must not replace it
-                    outcome.status, outcome.reason = "diverged", reason
-                    if outcome.rewinds:
-                        outcome.reason += f", after {outcome.rewinds} rewinds"
-                    break
                     reason = f"{type(err).__name__}: {err}"
                     if self._can_rewind():
                         self._rewind(reason, None)
                         self.clock.start()
                         continue
+                    self._record()  # before the reason: its own non-finite-loss reason must not replace it
+                    outcome.status, outcome.reason = "diverged", reason
+                    if outcome.rewinds:
+                        outcome.reason += f", after {outcome.rewinds} rewinds"
+                    break
                 if "loss" in self.stats:
                     self.finite &= torch.isfinite(torch.as_tensor(self.stats["loss"], device=problem.device))
                 outcome.steps += 1
