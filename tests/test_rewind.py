@@ -165,3 +165,15 @@ def test_bad_rewind_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:
         RunConfig(**overrides)
     assert str(err.value) == message
+
+
+def test_a_rewind_run_is_not_the_completed_stop_run_of_the_same_directory():
+    """``run.skip_completed`` compares the result-defining settings: the divergence policy is one."""
+    from ksd.cli import _result_defining
+
+    stop = {"seed": 0, "run": {"max_steps": 5}}
+    rewind = {"seed": 0, "run": {"max_steps": 5, "on_divergence": "rewind"}}
+    explicit_stop = {"seed": 0, "run": {"max_steps": 5, "on_divergence": "stop", "max_rewinds": 5}}
+    assert _result_defining(stop) != _result_defining(rewind)
+    assert _result_defining(stop) == _result_defining(explicit_stop)  # a run from before the setting
+    assert _result_defining({**stop, "dtype": "float64"}) != _result_defining(stop)

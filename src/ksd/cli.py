@@ -17,6 +17,7 @@ and left untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -34,6 +35,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ksd.config import RunConfig
 from ksd.errors import ConfigError
 from ksd.lock import OutputLocked, output_lock
 from ksd.results import WriteError, write_json
@@ -90,6 +92,8 @@ def closing_line(summary: dict, out_dir: Path) -> str:
     )
     status = summary.get("status", "?")
     why = f" ({summary['reason']})" if status != "completed" and summary.get("reason") else ""
+    if summary.get("rewinds"):
+        why += f" ({summary['rewinds']} rewinds)"
     try:
         where = out_dir.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
@@ -136,12 +140,16 @@ def _result_defining(config: dict) -> dict:
     """What decides a run's result; not where the data lives, the device, the logger or the plots."""
     run = config.get("run") or {}
     budget = ("max_epochs", "max_steps", "max_seconds", "eval_every", "eval_epochs", "eval_train_size")
+    # settings added later: a run from before them had their defaults
+    later = ("on_divergence", "rewind_loss_factor", "max_rewinds")
+    divergence = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name in later}
     return {
         "dataset": {k: v for k, v in (config.get("dataset") or {}).items() if k != "root"},
         "model": config.get("model"),
         "optimizer": config.get("optimizer"),
         "seed": config.get("seed"),
-        "run": {k: run.get(k) for k in budget},
+        "dtype": config.get("dtype", "float32"),
+        "run": {k: run.get(k) for k in budget} | {k: run.get(k, v) for k, v in divergence.items()},
     }
 
 
