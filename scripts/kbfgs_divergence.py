@@ -78,8 +78,8 @@ module.__file__ = code + "/training_function.py"
 exec(compile(source.replace(line, f"args['seed_number'] = {seed}"), module.__file__, "exec"), module.__dict__)
 result = module.train_model(dataset_name="MNIST", algorithm=algorithm, lr=0.3, lambda_damping=0.3,
                             batch_size=1000, if_gpu=False, if_max_epoch=1, max_epoch=epochs, verbose=False)
-losses = [float(v) for v in result["train_losses"]]
-print("RESULT " + json.dumps({"train_losses": losses, "test_losses": [float(v) for v in result["test_losses"]]}))
+train, test = ([float(v) for v in result[key]] for key in ("train_losses", "test_losses"))
+print("RESULT " + json.dumps({"train_losses": train, "test_losses": test}))
 """
 
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs under --out")
     args = parser.parse_args(argv)
     if args.authors is not None and not (args.authors / "training_function.py").is_file():
-        parser.error(f"{args.authors} has no training_function.py; give a checkout of kbfgs_neurips2020_public.")
+        parser.error(f"{args.authors} has no training_function.py; give a kbfgs_neurips2020_public checkout.")
     if not args.table_only:
         measure(args)
     print(table(args.out, args.epochs))

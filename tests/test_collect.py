@@ -217,7 +217,7 @@ def test_optimizer_colours_are_fixed_and_distinct():
 
 
 def test_time_to_target_uses_the_target_of_each_scale(tmp_path):
-    """One experiment at two scales with targets 5 (cpu) and 3 (paper_epochs): each run is timed to its own."""
+    """One experiment at two scales, targets 5 (cpu) and 3 (paper_epochs): each run is timed to its own."""
     for scale, target in (("cpu", 5.0), ("paper_epochs", 3.0)):
         cfg = {**config("sgd", 0, lr=0.1), "scale": scale, "experiment": {**EXPERIMENT, "target": target}}
         # training losses 10, 4, 2 at 0, 1, 2 s: ≤ 5 at 1 s, ≤ 3 at 2 s

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from kbfgs_divergence import fisher_exact, parse_seeds, wilson_interval  # noqa: E402
+from kbfgs_divergence import fisher_exact, parse_seeds, wilson_interval
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import torch
 from test_faults import make
 
 from ksd.config import RunConfig
-from ksd.errors import ConfigError
 from ksd.engine import Trainer
+from ksd.errors import ConfigError
 from ksd.optim import OPTIMIZERS
 
 #: Optimizers whose step is exactly proportional to ``step_scale`` (a fixed step length); the others
@@ -76,7 +76,7 @@ def test_nan_at_step_12_rewinds_to_step_10_and_halves_the_step():
 
 
 def test_a_loss_above_the_factor_rewinds_too():
-    problem, optimizer, fault = make("sgd", lr=0.5)
+    problem, optimizer, _fault = make("sgd", lr=0.5)
     step, blown = optimizer.step, []
 
     def blow_up():  # a finite jump after the 7th step: every weight + 100 saturates every unit
@@ -92,7 +92,7 @@ def test_a_loss_above_the_factor_rewinds_too():
     rewind = [row for row in rows if "rewind" in row]
     assert outcome.status == "completed" and outcome.rewinds == 1
     assert rewind[0]["step"] == 10 and "more than 10 × the last evaluation's" in rewind[0]["rewind_reason"]
-    healthy = [row["train_loss"] for row in rows if row.get("step") == 5 and "train_loss" in row][0]
+    healthy = next(row["train_loss"] for row in rows if row.get("step") == 5 and "train_loss" in row)
     assert rewind[0]["rewound_loss"] > 10 * healthy
 
 

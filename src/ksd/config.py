@@ -94,7 +94,7 @@ class RunConfig:
     plot: bool = True  # write convergence.png at the end
     skip_completed: bool = True  # ksd-run returns at once if out dir has a completed run of this config
     checkpoint_every: int = 10  # write checkpoint.pt every N evaluations (0: only on SIGTERM/SIGUSR2)
-    on_divergence: str = "stop"  # stop: end the run as diverged | rewind: back to the last evaluation (engine)
+    on_divergence: str = "stop"  # stop: end the run as diverged | rewind: to the last evaluation (engine)
     rewind_loss_factor: float = 10.0  # rewind: also when train_loss > this × the last evaluation's
     max_rewinds: int = 5  # rewind: the run is diverged at the divergence after this many rewinds
 

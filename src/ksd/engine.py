@@ -177,34 +177,43 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where the run is now (at a step boundary)."""
-        state = {
-            "steps": self.outcome.steps,
+        return {
+            **self._trajectory_state(),
             "elapsed": self.clock.elapsed,
             "rows": list(self.outcome.rows),
             "stats": {k: _scalar(v) for k, v in self.stats.items()},
             "finite": bool(self.finite),
+            "rewinds": self.outcome.rewinds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restore_trajectory(state)
+        self.clock.elapsed = state["elapsed"]
+        self.outcome.rows = list(state["rows"])
+        self.stats = dict(state["stats"])
+        self.finite.fill_(state["finite"])
+        self.outcome.rewinds = state.get("rewinds", 0)
+        self.optimizer.step_scale = 0.5**self.outcome.rewinds
+
+    def _trajectory_state(self) -> dict[str, Any]:
+        """Where the trajectory is: the step, θ, the optimizer's state, the data position, the generators."""
+        state = {
+            "steps": self.outcome.steps,
             "problem": self.problem.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "rewinds": self.outcome.rewinds,
         }
         if self.problem.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.problem.device)
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _restore_trajectory(self, state: dict[str, Any]) -> None:
         self.outcome.steps = state["steps"]
-        self.clock.elapsed = state["elapsed"]
-        self.outcome.rows = list(state["rows"])
-        self.stats = dict(state["stats"])
-        self.finite.fill_(state["finite"])
         self.problem.load_state_dict(state["problem"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.problem.device)
-        self.outcome.rewinds = state.get("rewinds", 0)
-        self.optimizer.step_scale = 0.5**self.outcome.rewinds
 
     # ------------------------------------------------------------------ rewinds
     @property
@@ -213,17 +222,14 @@ class Trainer:
 
     def _keep_healthy(self) -> None:
         """Remember the current state as the one to rewind to (a copy: training changes tensors in place)."""
-        state = self.state_dict()
-        self._healthy = copy.deepcopy({k: state[k] for k in ("steps", "problem", "optimizer", "torch_rng")})
-        if "cuda_rng" in state:
-            self._healthy["cuda_rng"] = state["cuda_rng"]
+        self._healthy = copy.deepcopy(self._trajectory_state())
 
     def _can_rewind(self) -> bool:
         return self._rewinding and self._healthy is not None and self.outcome.rewinds < self.cfg.max_rewinds
 
     def _rewind(self, reason: str, loss: float | None) -> None:
         """Write the rewind's row, restore the last healthy state and halve the step size."""
-        outcome, problem = self.outcome, self.problem
+        outcome = self.outcome
         outcome.rewinds += 1
         scale = 0.5**outcome.rewinds
         row = {
@@ -235,13 +241,7 @@ class Trainer:
         }
         outcome.rows.append(row)
         self.on_row(row)
-        healthy = copy.deepcopy(self._healthy)  # a second rewind may need it again
-        outcome.steps = healthy["steps"]
-        problem.load_state_dict(healthy["problem"])
-        self.optimizer.load_state_dict(healthy["optimizer"])
-        torch.set_rng_state(healthy["torch_rng"])
-        if "cuda_rng" in healthy:
-            torch.cuda.set_rng_state(healthy["cuda_rng"], problem.device)
+        self._restore_trajectory(copy.deepcopy(self._healthy))  # a second rewind may need it again
         self.optimizer.step_scale = scale
         self.finite.fill_(True)
         self.stats = {}

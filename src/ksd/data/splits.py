@@ -55,7 +55,7 @@ class Splits:
     notes: list[str] = field(default_factory=list)
 
     def to_float(self, dtype: torch.dtype) -> Splits:
-        """The same splits with floating-point inputs in ``dtype`` (labels and character indices unchanged)."""
+        """These splits with floating-point inputs in ``dtype`` (labels and character indices unchanged)."""
 
         def cast(split: Split) -> Split:
             floating = split.inputs.is_floating_point()
