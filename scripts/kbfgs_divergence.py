@@ -223,35 +223,42 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def table(out: Path, epochs: int) -> str:
+    """The rate table of the runs under ``out``. Each rate is compared by Fisher's exact test on the seeds
+    both groups ran: ours at ``paper`` with the authors' code, every other variant with ours at ``paper``."""
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    results = [r for r in results if r.get("run_epochs") == epochs]
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["method"], r["code"], r["variant"]), []).append(r)
+        if r.get("run_epochs") == epochs:
+            groups.setdefault((r["method"], r["code"], r["variant"]), {})[r["seed"]] = r
     lines = [
-        f"| method | code | variant | runs | diverged | rate (95 % interval) | train loss of the completed "
-        f"after epoch {epochs}, mean (min–max) | Fisher's exact p vs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | code | variant | runs | diverged | rate (95 % interval) "
+        f"| train loss after epoch {epochs} of those that completed, mean (min–max) | their training s "
+        "| Fisher's exact p (vs, common seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"authors": 0, "ours": 1}
     variants = list(VARIANTS)
     for key in sorted(groups, key=lambda k: (k[0], order[k[1]], variants.index(k[2]))):
         method, code, variant = key
-        runs = groups[key]
+        runs = list(groups[key].values())
         n, k = len(runs), sum(r["diverged"] for r in runs)
         low, high = wilson_interval(k, n)
         losses = [r["train_loss"] for r in runs if not r["diverged"]]
         loss = f"{sum(losses) / len(losses):.1f} ({min(losses):.1f}–{max(losses):.1f})" if losses else "—"
-        reference = ("authors", "paper") if (method, "authors", "paper") in groups else ("ours", "paper")
-        if (code, variant) == reference:
-            p_value = "—"
-        else:
+        times = [r["wall_time"] for r in runs if not r["diverged"] and r.get("wall_time") is not None]
+        seconds = f"{sum(times) / len(times):.0f}" if times else "—"
+        reference = ("authors", "paper") if (code, variant) == ("ours", "paper") else ("ours", "paper")
+        p_value = "—"
+        if code == "ours" and (method, *reference) in groups:
             ref = groups[(method, *reference)]
-            p = fisher_exact(k, n, sum(r["diverged"] for r in ref), len(ref))
-            p_value = f"{p:.3g} ({'the authors' if reference[0] == 'authors' else 'ours, paper'})"
+            common = sorted(set(ref) & set(groups[key]))
+            mine = sum(groups[key][s]["diverged"] for s in common)
+            theirs = sum(ref[s]["diverged"] for s in common)
+            who = "the authors" if reference[0] == "authors" else "ours at paper"
+            p_value = f"{fisher_exact(mine, len(common), theirs, len(common)):.2g} ({who}, {len(common)})"
         lines.append(
             f"| {METHODS[method]} | {code} | {variant} | {n} | {k} | {k / n:.2f} ({low:.2f}–{high:.2f}) "
-            f"| {loss} | {p_value} |"
+            f"| {loss} | {seconds} | {p_value} |"
         )
     return "\n".join(lines)
 
