@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data),)
 export KSD_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: install run test test-all lint bench figures clean
+.PHONY: install run test test-slow test-all lint bench figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,15 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/ksd-run $(ARGS)
 
+# The fast set (unit, property, short integration); the tests marked `slow` are left out (README).
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# Only the slow set: real-data accuracy, every optimizer's resume, killed sweeps, SLURM, smoke sets.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# Both sets in one session.
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
 

@@ -54,6 +54,7 @@ def check_complete(out: Path) -> int:
     return rows
 
 
+@pytest.mark.slow  # kills runs at random points; the full-disk tests below stay in the fast set
 def test_killed_runs_leave_only_complete_files(tmp_path, data_root):
     rng = random.Random(0)
     seen_rows = []

@@ -181,7 +181,8 @@ def test_products_at_another_point_leave_parameters_alone():
     torch.testing.assert_close(moved, ggn_vector_product(problem, problem.full_batch, v), **TOL)
 
 
-@pytest.mark.parametrize("compile_curvature", [False, True])
+# compiled: torch.compile for each product (slow set); the same check uncompiled stays in the fast set
+@pytest.mark.parametrize("compile_curvature", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     ("build", "product"), [(ggn_operator, ggn_vector_product), (hessian_operator, hessian_vector_product)]
 )
@@ -196,6 +197,7 @@ def test_operator_keeps_the_point_it_was_built_at(build, product, compile_curvat
     assert not torch.allclose(expected, product(problem, problem.full_batch, v))
 
 
+@pytest.mark.slow  # torch.compile of every product; test_products_equal_dense_matrices (uncompiled) is fast
 def test_compiled_products_equal_dense_matrices():
     """``compile_curvature``: the torch.compile'd products (Hessian by forward-over-reverse) are the same
     matrices; compiled float64 kernels only reorder sums, so the float64 tolerance holds."""

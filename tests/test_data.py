@@ -254,6 +254,7 @@ def test_mnist_uncompressed_idx(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- CIFAR-10
 
 
+@pytest.mark.slow  # reads all 50,000 CIFAR-10 images; test_cifar_load_normalised_and_disjoint stays fast
 @needs_cifar
 def test_cifar_readme_facts(cache_dir: Path) -> None:
     raw = cifar_mod.read_cifar10(DATA)  # cold: decodes the LZMA archives and writes the cache

@@ -117,6 +117,7 @@ def test_warm_start_and_curvature_chunks_cycle():
     assert restored.state["iteration"] == 5 and restored.state["damping"] == optimizer.state["damping"]
 
 
+@pytest.mark.slow  # real-data learning, the longest test; the fast set checks HF's steps on small problems
 def test_reduces_mnist_autoencoder_loss_far_more_per_epoch_than_sgd(data_root):
     splits = load_dataset("mnist", data_root, val_size=0, train_size=1000, test_size=10)
 

@@ -263,6 +263,7 @@ def test_hessian_action_keeps_exact_inverse_of_a_constant_factor(mode):
     torch.testing.assert_close(opt.state["H_a"][0], torch.linalg.inv(damped(a)), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # 100 steps; test_hessian_action_keeps_exact_inverse_of_a_constant_factor stays fast
 def test_hessian_action_tracks_the_moving_average_on_stationary_inputs():
     """Mini-batches of 100 from the fixed distribution (stored mode, the 2020 algorithm): Ā moves by
     (1 − β)(A_batch − Ā) per step and H_a is corrected along s = H_a ū only. Stated tolerance: after 100
@@ -274,6 +275,7 @@ def test_hessian_action_tracks_the_moving_average_on_stationary_inputs():
     assert error < 0.06, float(error)
 
 
+@pytest.mark.slow  # a statistical check over many mini-batches
 def test_minibatch_hessian_action_errs_towards_more_damping():
     """The 2022 mini-batch form uses y = (A_batch + √λ I) s with a fresh noisy A_batch every step. It
     keeps H_a positive definite and never above the population's damped inverse (eigenvalues of
@@ -316,6 +318,7 @@ def mnist_problem(data_root, model: nn.Module, autoencoder: bool) -> Problem:
     return Problem(model, build_loss(loss), splits, autoencoder=autoencoder, seed=0)
 
 
+@pytest.mark.slow  # real-data learning, six runs; test_runs and the dense-formula tests stay in the fast set
 @pytest.mark.parametrize("name", ["kbfgs", "kbfgs_l", "kfac"])
 @pytest.mark.parametrize("network", ["autoencoder", "cnn"])
 def test_reduces_the_loss_on_mnist(data_root, name, network):

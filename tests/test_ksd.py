@@ -151,6 +151,7 @@ def test_orthogonalize_removes_the_span_to_working_precision_in_float32():
     assert (basis.double() @ vector.double()).abs().max() <= 1e-6 * vector.norm()
 
 
+@pytest.mark.slow  # the full-size MNIST autoencoder; test_basis_is_orthonormal (small) stays in the fast set
 def test_basis_is_orthonormal_in_float32_on_an_mnist_autoencoder(mnist):
     """After K = 20 Krylov steps (and with the previous step, 21 rows) VVᵀ = I to 1e-5 in float32."""
     problem = mnist_autoencoder(mnist)
@@ -180,6 +181,7 @@ def test_subspace_bfgs_decreases_the_subspace_objective(mnist):
     assert minimum.loss_after == pytest.approx(problem.loss(bfgs_batch, moved).item(), rel=1e-6)
 
 
+@pytest.mark.slow  # real-data learning (the slowest KSD test); the fast set keeps the default CURVES run's
 def test_reduces_the_training_loss_far_more_per_epoch_than_sgd(mnist):
     """Equal epochs (gradient examples / training set, BFGS evaluations included): KSD ends well below the
     best of SGD's learning rates, which stall near the mean-image plateau (≈ 205 nats per image here)."""

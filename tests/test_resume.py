@@ -53,7 +53,10 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+# every optimizer in the slow set; K-BFGS(L) (ring buffers of pairs, counters, generator) in the fast set
+@pytest.mark.parametrize(
+    "name", [n if n == "kbfgs_l" else pytest.param(n, marks=pytest.mark.slow) for n in OPTIMIZERS]
+)
 def test_interrupted_and_resumed_run_equals_uninterrupted(name):
     cfg = RunConfig(
         max_steps=12,

@@ -183,6 +183,7 @@ def assert_completed(sweep_dir: Path, expected: set[tuple], steps: int = 5) -> N
         assert rows["step"].tolist() == [0, steps] and rows["train_loss"].notna().all()
 
 
+@pytest.mark.slow  # three sweeps; a basic-launcher sweep stays in the fast set (the directory-in-use test)
 def test_basic_sweep_failure_skip_and_collect(tmp_path, data_root):
     # max_steps kept out of directory names, so that a changed budget lands in the same directory
     exclude = [
@@ -218,6 +219,7 @@ def test_basic_sweep_failure_skip_and_collect(tmp_path, data_root):
     assert steps == {("sgd", 0.05, 0): 6, ("adam", 0.001, 0): 6}
 
 
+@pytest.mark.slow
 def test_joblib_sweep(tmp_path, data_root):
     sweep_dir, _ = run_sweep(
         tmp_path, data_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=adam", "seed=0,1"
@@ -225,6 +227,7 @@ def test_joblib_sweep(tmp_path, data_root):
     assert_completed(sweep_dir, {("adam", 0.001, 0), ("adam", 0.001, 1)})
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(tmp_path, data_root):
     sweep_dir, _ = run_sweep(
         tmp_path,
@@ -324,6 +327,7 @@ def _process_group_alive(pgid: int) -> list[int]:
     return alive
 
 
+@pytest.mark.slow  # killed sweeps
 def test_sweep_killed_half_way_reruns_only_the_missing_jobs(tmp_path, data_root):
     """SIGKILL to a joblib sweep and its workers (as a cancelled allocation or the OOM killer's cgroup
     kill) while one job has completed and another is half way: every summary.json left is complete, and
