@@ -7,11 +7,13 @@ One :meth:`HessianFree.step` is one outer iteration ``k`` (an "epoch" in Martens
    gradient ``F_diag = (1/|D|) Σ_{i∈D} (∇ℓ_i)²`` on the same batch, from the same forward/backward
    pass (:func:`ksd.curvature.loss_gradient_and_squared_gradients`);
 2. curvature chunk ``C``: the training set cut into ``num_chunks`` fixed contiguous chunks, chunk
-   ``k mod num_chunks`` (``problem.train_chunk``);
+   ``k mod num_chunks`` (``problem.train_chunk``); with ``chunk_order: shuffled`` the chunks are cut
+   from one fixed permutation of the training set instead (Martens' demo permutes the cases once);
 3. diagonal preconditioner ``M = (F_diag + λ + τ)^{3/4}`` (§4.7; ``M = I`` with ``preconditioner: false``);
 4. ``p`` ≈ minimiser of ``q(p) = gᵀp + ½ pᵀ(G_C + (λ + τ) I) p`` by preconditioned CG
    (:func:`ksd.optim.linalg.conjugate_gradient`: at most ``max_cg_iterations``, Martens'
-   relative-progress stop with ε = ``cg_tolerance``, bail-out on ``pᵀAp ≤ 0``), started from
+   relative-progress stop with ε = ``cg_tolerance`` and the sign test of ``cg_stop_rule``, bail-out on
+   ``pᵀAp ≤ 0``), started from
    ``ζ p_prev`` (ζ = ``warm_start``), saving the iterates ``i = ⌈5·1.3^j⌉`` and the last;
    ``G_C`` is the Gauss-Newton matrix of the mean loss on ``C``, one :func:`ksd.curvature.ggn_operator`
    per step (the chunk's forward pass is stored once, as in Martens' code, and shared by all products);
@@ -41,6 +43,10 @@ What the sources say, and what this module chose
 Sources: the paper (only its abstract and summaries were at hand) and Martens' public demo code —
 ``hf_train.m`` / ``nnet_train_2.m`` with ``conjgrad_1.m``, read in public forks through the code search
 (the files that set ``initlambda = 45.0``, ``decay = 0.95``, ``numchunks = 4``, ``weightcost = 2e-5``).
+Since then run beside his ``nnet_train_2.m`` / ``conjgrad_1.m`` in GNU Octave, in double precision, on
+a small autoencoder from the same weights (``docs/hf_vs_martens.md``): the first 12 iterations agree to
+≤ 5·10⁻¹³ relative in f, ‖g‖, ρ and ‖p‖, with the same CG iterations, chosen iterates, line-search
+rates and λ; ``tests/test_hf_martens.py`` keeps the first 10 (``tests/data/hf_martens_reference.json``).
 
 * **Normalisation of G and λ**: the demo code divides ``G`` by the chunk size and adds λ to that
   per-case matrix (its comment: the ICML paper added λ to the unnormalised matrix; same up to the
@@ -54,19 +60,35 @@ Sources: the paper (only its abstract and summaries were at hand) and Martens' p
   strictly larger (ties continue backwards, as ``if ll > lowll`` in the code).
 * **Line search**: the code counts *reductions* up to 60 and rejects after the 60th without
   testing it; here ``line_search_tries = 60`` trial rates ``0.8^0 … 0.8^59`` are each tested, so the
-  last evaluation is not wasted. The Armijo test's first trial reuses ``f(θ+p)`` from step 5.
+  last evaluation is not wasted. The code tests the same 60 rates (``j = 0 … 59``); it then evaluates
+  ``f`` at ``0.8^60`` and rejects without looking at it. So the accepted rate, the rejection and the
+  trajectory are the same, and the count is not an option: the code spends one more objective when
+  it rejects, and prints ``j`` reductions where ``line_search_tries`` counts ``j + 1`` trials
+  (``tests/test_hf_martens.py`` checks both against his loop). The Armijo test's first trial reuses
+  ``f(θ+p)`` from step 5.
 * **Warm start**: ``ch = decay * ch`` with ``ch = chs{end}``, the last CG iterate — neither the
   backtracked iterate nor the step actually taken, and kept even when the step is rejected.
 * **Stop rule**: the code tests ``q_{i−k} < 0`` and ``i ≥ miniters`` (``miniters = 1``); this module
-  tests the paper's ``q_i < 0`` (equivalent while CG decreases q monotonically).
+  tests the paper's ``q_i < 0`` by default (``cg_stop_rule: paper``; ``martens``: the code's test). The
+  two fire at the same iteration whenever ``k·cg_tolerance ≤ 1`` (with ``q_i`` and ``q_{i−k}`` of
+  opposite signs the ratio ``(q_i − q_{i−k})/q_i`` is ≥ 1 under either test), which holds for every
+  ``cg_tolerance ≤ 1/⌈0.1·max_cg_iterations⌉``, the default included; they differ only for larger ones.
 * **Weight decay** ``τ = 2·10⁻⁵`` on all parameters (the code's ``maskp`` is all ones: "not masking
   out the weight-decay for biases"); it enters ``f``, ``g``, ``G`` and the preconditioner.
 * **Sparse initialisation** is a model option (``model.init=sparse``): ``conf/optimizer/hf.yaml``
   selects it through the ``init`` config group, so ``ksd-run optimizer=hf`` uses it unless the command
   line says ``model.init=default``.
 * **Curvature chunks**: ``num_chunks = 4`` is the CURVES setting of the code (MNIST: 8, FACES: 20).
-  Chunks are contiguous slices of the training set in file order, cycled (the code permutes the
-  training set once before cutting it; our CURVES/MNIST training splits have no class order).
+  Chunks are contiguous slices of the training set in file order, cycled (``chunk_order: contiguous``).
+  ``nnet_train_2.m`` itself cuts contiguous chunks of the cases in the order it is given; its demo
+  script (``nnet_demo_2.m``) permutes the training cases once (``randperm``) before calling it, and
+  ``chunk_order: shuffled`` does the same with a fixed permutation (``torch.randperm`` with seed
+  ``CHUNK_SEED``, the same for every run, like the validation carve; our CURVES/MNIST training splits
+  have no class order, so contiguous chunks are already unsorted samples). The gradient and line-search
+  batch are the whole training set either way.
+* **λ updates**: the code multiplies by ``drop = 2/3`` and ``boost = 1/drop``; this module divides and
+  multiplies by ``damping_factor = 1.5``. ``λ·(2/3)`` and ``λ/1.5`` differ in the last bit at times
+  (measured: ≤ 1·10⁻¹⁵ relative after 40 updates), far below what the trajectory resolves.
 """
 
 from __future__ import annotations
@@ -75,6 +97,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ksd.curvature import ggn_operator, loss_gradient_and_squared_gradients
@@ -85,6 +108,10 @@ from ksd.problem import Batch, Problem
 
 #: Levenberg-Marquardt thresholds on the reduction ratio ρ (Martens 2010, §4.1; Moré 1978).
 RHO_LOW, RHO_HIGH = 0.25, 0.75
+CG_STOP_RULES = ("paper", "martens")
+CHUNK_ORDERS = ("contiguous", "shuffled")
+#: Seed of the fixed permutation that ``chunk_order: shuffled`` cuts the curvature chunks from.
+CHUNK_SEED = 0
 
 
 class HessianFree(Optimizer):
@@ -108,6 +135,8 @@ class HessianFree(Optimizer):
         armijo_c: float = 0.01  # sufficient-decrease constant
         backtrack_factor: float = 0.8  # step-rate reduction per Armijo trial
         line_search_tries: int = 60  # Armijo trials before the step is rejected
+        cg_stop_rule: str = "paper"  # CG progress stop needs q_i < 0 ("paper") or q_{i-k} < 0 ("martens")
+        chunk_order: str = "contiguous"  # curvature chunks: "contiguous" slices or "shuffled" (fixed order)
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -130,12 +159,18 @@ class HessianFree(Optimizer):
                 0 < self.backtrack_factor < 1,
                 f"optimizer.backtrack_factor must be in (0, 1), got {self.backtrack_factor}.",
             )
+            for key, allowed in (("cg_stop_rule", CG_STOP_RULES), ("chunk_order", CHUNK_ORDERS)):
+                value = getattr(self, key)
+                require(
+                    value in allowed, f"optimizer.{key} must be one of {', '.join(allowed)}, got {value!r}."
+                )
 
     def __init__(self, problem: Problem, config: Config | None = None) -> None:
         super().__init__(problem, config)
         if problem.n_train:  # refuse a too small training set before training (the library API: each step)
             self.check_chunks()
         self.state.update(damping=float(self.config.initial_damping), previous_step=None, iteration=0)
+        self._permutation: Tensor | None = None  # chunk_order: shuffled (a function of n_train, not state)
 
     def check_chunks(self) -> None:
         """Refuse a training set with fewer examples than curvature chunks (checked at every step, because
@@ -143,6 +178,20 @@ class HessianFree(Optimizer):
         n = self.problem.n_train
         chunks = self.config.num_chunks
         require(chunks <= n, f"optimizer.num_chunks={chunks} exceeds the {n} training examples.")
+
+    def curvature_chunk(self, iteration: int) -> Batch:
+        """Chunk ``iteration mod num_chunks`` of the training set: a contiguous slice, or with
+        ``chunk_order: shuffled`` a slice of one fixed permutation (seed ``CHUNK_SEED``)."""
+        c, problem = self.config, self.problem
+        if c.chunk_order == "contiguous":
+            return problem.train_chunk(iteration, c.num_chunks)
+        n = problem.n_train
+        if self._permutation is None or len(self._permutation) != n:
+            generator = torch.Generator().manual_seed(CHUNK_SEED)
+            self._permutation = torch.randperm(n, generator=generator).to(problem.device)
+        size = n // c.num_chunks
+        start = (iteration % c.num_chunks) * size
+        return problem.batch(problem.splits.train, self._permutation[start : start + size])
 
     def _objective(self, batch: Batch, theta: Tensor) -> float:
         """``f_batch(θ) + τ/2 ‖θ‖²`` as a float (the comparisons of HF need host scalars).
@@ -165,7 +214,7 @@ class HessianFree(Optimizer):
         loss, grad = self.regularized(loss, grad, theta=theta)
         self.check_finite(f"loss or gradient at HF iteration {st['iteration']}", loss, grad)
         f0 = loss.item()
-        chunk = problem.train_chunk(st["iteration"], c.num_chunks)
+        chunk = self.curvature_chunk(st["iteration"])
         ggn = ggn_operator(problem, chunk)  # one stored forward on the chunk for all of this step's products
         shift = damping + c.weight_decay
 
@@ -179,6 +228,7 @@ class HessianFree(Optimizer):
         cg = conjugate_gradient(
             damped_ggn, grad.neg(), start, preconditioner=preconditioner, max_iterations=c.max_cg_iterations,
             min_iterations=c.min_cg_iterations, tolerance=c.cg_tolerance,
+            stop_sign="earlier" if c.cg_stop_rule == "martens" else "current",
         )
         st["previous_step"] = cg.iterates[-1]
 

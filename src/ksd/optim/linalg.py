@@ -186,6 +186,7 @@ def conjugate_gradient(
     max_iterations: int = 250,
     min_iterations: int = 1,
     tolerance: float = 5e-4,
+    stop_sign: str = "current",
 ) -> ConjugateGradientResult:
     """Preconditioned conjugate gradient on ``q(x) = ½ xᵀAx − bᵀx`` (solves ``Ax = b``), as in HF.
 
@@ -197,7 +198,9 @@ def conjugate_gradient(
       ``x_{i−1}`` is the result; or, once ``i ≥ min_iterations``, by the relative-progress rule
       ``i > k``, ``q_i < 0`` and ``(q_i − q_{i−k}) / q_i < k·tolerance`` with ``k = max(10, ⌈0.1 i⌉)``
       (Martens' eq. in §4.4, ε = 5·10⁻⁴). The residual norm is no use here: the quadratic model, not
-      the linear system, is what HF cares about, and float32 residuals stall.
+      the linear system, is what HF cares about, and float32 residuals stall. ``stop_sign="earlier"``
+      requires ``q_{i−k} < 0`` instead of ``q_i < 0``, as ``conjgrad_1.m`` does; the two stop at the
+      same iteration whenever ``k·tolerance ≤ 1`` (opposite signs make the ratio ≥ 1).
     * Saves copies of ``x_i`` at ``i = ⌈5·1.3^j⌉`` and the final iterate, for HF's CG backtracking.
     * ``q_i = ½ (r_i − b)ᵀ x_i`` with ``r_i = A x_i − b`` needs no extra product. One host
       synchronisation per iteration for ``pᵀAp`` and one for ``q_i``: the algorithm needs both as scalars.
@@ -238,7 +241,10 @@ def conjugate_gradient(
             iterations.append(i)
             saves += 1
         gap = max(CG_MIN_GAP, math.ceil(CG_GAP_RATIO * i))
-        progress = i > gap and values[i] < 0 and (values[i] - values[i - gap]) / values[i] < gap * tolerance
+        sign_test = i > gap and (values[i - gap] if stop_sign == "earlier" else values[i]) < 0
+        progress = (
+            sign_test and values[i] != 0 and (values[i] - values[i - gap]) / values[i] < gap * tolerance
+        )
         if progress and i >= min_iterations:
             stop = "progress"
             break
