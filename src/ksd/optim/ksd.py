@@ -107,6 +107,9 @@ from ksd.problem import Batch, Problem
 #: Builders of the curvature operator ``V ↦ A V`` on the curvature subset, one per iteration: the forward
 #: pass (Gauss-Newton) or the gradient's graph (Hessian) on ``C`` is stored once and shared by all ``K + 1``
 #: products, which then cost about 1.25 gradients each instead of 1.75 (``scripts/bench_curvature.py``).
+#: How the curvature and BFGS subsets of an iteration are drawn (:meth:`KrylovSubspaceDescent.draw_subsets`).
+SUBSETS = ("disjoint", "independent")
+
 CURVATURES: dict[str, Callable[[Problem, Batch], Callable[[Tensor], Tensor]]] = {
     "ggn": ggn_operator,
     "hessian": hessian_operator,
@@ -172,6 +175,8 @@ class KrylovSubspaceDescent(Optimizer):
         bfgs_tolerance: float = 1e-6  # stop BFGS when φ decreases by less than this × max(|φ|, 1)
         line_search_evaluations: int = 25  # strong-Wolfe trial points per BFGS iteration
         breakdown_tolerance: float = 1e-4  # drop a vector left with less than this fraction of its norm
+        previous_step: bool = True  # the previous step as the last basis row (the paper); False: Krylov only
+        subsets: str = "disjoint"  # C and B: disjoint | independent (each drawn alone, may overlap)
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -186,6 +191,10 @@ class KrylovSubspaceDescent(Optimizer):
                 value = getattr(self, key)
                 require(0 < value < 1, f"optimizer.{key} must lie in (0, 1), got {value}.")
             require(self.bfgs_tolerance >= 0, "optimizer.bfgs_tolerance must be >= 0.")
+            require(
+                self.subsets in SUBSETS,
+                f"optimizer.subsets must be one of {', '.join(SUBSETS)}, got {self.subsets!r}.",
+            )
 
     def __init__(self, problem: Problem, config: Config | None = None) -> None:
         super().__init__(problem, config)
@@ -227,7 +236,7 @@ class KrylovSubspaceDescent(Optimizer):
         size = krylov_size = self._kept(norms)
         # The recursion has A v_k for every kept Krylov vector but the last one, unless it broke down.
         pending = [size - 1] if size == c.krylov_dim else []
-        previous = self.state["previous_step"]
+        previous = self.state["previous_step"] if c.previous_step else None
         if previous is not None and self._kept([self._orthonormalize(V[size].copy_(previous), size)]):
             pending.append(size)
             size += 1
@@ -279,7 +288,7 @@ class KrylovSubspaceDescent(Optimizer):
     def step(self) -> Stats:
         loss, grad = self.gradient()
         self.check_finite(f"loss or gradient at KSD iteration {self.state['iteration']}", loss, grad)
-        curvature_batch, bfgs_batch = self.problem.random_batches(*self.subset_sizes())
+        curvature_batch, bfgs_batch = self.draw_subsets()
         subspace = self.build_basis(grad, curvature_batch)
         minimum = self.minimize_in_subspace(subspace, bfgs_batch)
         V = self.basis[: subspace.size]
@@ -314,6 +323,16 @@ class KrylovSubspaceDescent(Optimizer):
         sizes = min(c.curvature_size, n // 2), min(c.bfgs_size, n // 2)
         require(min(sizes) >= 1, f"KSD needs at least 2 training examples, got {n}.")
         return sizes
+
+    def draw_subsets(self) -> tuple[Batch, Batch]:
+        """The curvature and BFGS subsets of one iteration, fresh: disjoint (one permutation cut in two) or,
+        with ``subsets: independent``, each drawn on its own so that they may overlap (pbrakel/ksd-theano
+        reshuffles its two ``Dataset`` objects independently)."""
+        curvature_size, bfgs_size = self.subset_sizes()
+        if self.config.subsets == "disjoint":
+            curvature, bfgs = self.problem.random_batches(curvature_size, bfgs_size)
+            return curvature, bfgs
+        return self.problem.random_batches(curvature_size)[0], self.problem.random_batches(bfgs_size)[0]
 
     def _curvature(self, operator: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         """``A v`` for each row of ``vectors``: the curvature ``operator`` plus weight decay."""
