@@ -22,7 +22,7 @@ from bench_common import print_rows, resolve_device
 
 from ksd.results import atomic_write, write_json
 
-TOPICS = ["engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs", "authors"]
+TOPICS = ["engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs", "authors", "hf_martens"]
 
 
 def main() -> None:
