@@ -382,6 +382,7 @@ def test_invalid_settings_are_refused(override):
         ARCsLSR1.Config(**override)
 
 
+@pytest.mark.slow  # real-data learning; test_minibatch_variant_learns_... and the unit tests stay fast
 def test_ksd_run_trains_an_mnist_autoencoder(tmp_path, monkeypatch, data_root):
     monkeypatch.setenv("KSD_DATA", str(data_root))
     cfg = compose_config(

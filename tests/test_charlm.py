@@ -66,7 +66,11 @@ def test_sequence_loss_hessian_is_the_autograd_hessian_of_the_per_example_loss()
     torch.testing.assert_close(loss.per_example(z, t), manual.reshape(1))
 
 
-@pytest.mark.parametrize(("optimizer", "extra"), [("adam", ["optimizer.lr=0.01"]), ("arcs_lsr1", [])])
+# Adam in the fast set; ARCs-LSR1 (several times as long) in the slow set
+@pytest.mark.parametrize(
+    ("optimizer", "extra"),
+    [("adam", ["optimizer.lr=0.01"]), pytest.param("arcs_lsr1", [], marks=pytest.mark.slow)],
+)
 def test_charlm_learns_and_logs_perplexity(tmp_path, optimizer, extra):
     """On a corpus where 8 of 9 next characters are determined, perplexity falls from about 4 (uniform over
     4 characters) to below 2.5 in 60 steps."""

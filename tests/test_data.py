@@ -254,7 +254,7 @@ def test_mnist_uncompressed_idx(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- CIFAR-10
 
 
-@pytest.mark.slow  # reads all 50,000 CIFAR-10 images; test_cifar_load_normalised_and_disjoint stays fast
+@pytest.mark.slow  # reads all 50,000 CIFAR-10 images
 @needs_cifar
 def test_cifar_readme_facts(cache_dir: Path) -> None:
     raw = cifar_mod.read_cifar10(DATA)  # cold: decodes the LZMA archives and writes the cache
@@ -286,6 +286,7 @@ def test_cifar_readme_facts(cache_dir: Path) -> None:
         assert np.array_equal(again.train_x, raw.train_x) and np.array_equal(again.test_y, raw.test_y)
 
 
+@pytest.mark.slow  # all 50,000 images; the reader's formats stay fast (test_cifar_pickle_layout, _missing)
 @needs_cifar
 def test_cifar_load_normalised_and_disjoint() -> None:
     s = load_dataset("cifar10", DATA, val_size=5000, seed=0)

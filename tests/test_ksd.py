@@ -72,6 +72,7 @@ def test_reaches_the_minimiser_of_a_convex_quadratic_in_one_iteration(curvature,
     assert stats["krylov_breakdown"] == int(krylov_dim > problem.n_params)
 
 
+@pytest.mark.slow  # torch.compile, as the compiled products of tests/test_curvature.py
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
 def test_compiled_curvature_products_reach_the_same_minimiser(curvature):
     """``run.compile_curvature``: the Krylov recursion on torch.compile'd products (no stored operator)

@@ -25,8 +25,9 @@ def run(tmp_path, monkeypatch, data_root, *overrides: str) -> tuple[dict, list[d
     ("optimizer", "extra"),
     [
         ("sgd", ["optimizer.lr=0.05"]),
-        ("lbfgs", ["optimizer.batch_size=null"]),
-        ("ncg", ["optimizer.batch_size=null"]),
+        # the full-batch methods take several times as long: slow set
+        pytest.param("lbfgs", ["optimizer.batch_size=null"], marks=pytest.mark.slow),
+        pytest.param("ncg", ["optimizer.batch_size=null"], marks=pytest.mark.slow),
         ("rmsprop", []),
         ("adagrad", []),
     ],
@@ -88,6 +89,7 @@ def test_mnist_mlp_adam_passes_88_percent_test_accuracy(tmp_path, monkeypatch, d
     assert summary["final"]["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
 
 
+@pytest.mark.slow  # real-data learning (a CNN on CIFAR-10)
 def test_cifar10_cnn_adam_learns(tmp_path, monkeypatch, data_root):
     _summary, rows = run(
         tmp_path,
