@@ -88,7 +88,7 @@ rates and λ; ``tests/test_hf_martens.py`` keeps the first 10 (``tests/data/hf_m
   batch are the whole training set either way.
 * **λ updates**: the code multiplies by ``drop = 2/3`` and ``boost = 1/drop``; this module divides and
   multiplies by ``damping_factor = 1.5``. ``λ·(2/3)`` and ``λ/1.5`` differ in the last bit at times
-  (measured: ≤ 1·10⁻¹⁵ relative after 40 updates), far below what the trajectory resolves.
+  (measured: ≤ 1.2·10⁻¹⁵ relative after 40 updates), far below what the trajectory resolves.
 """
 
 from __future__ import annotations
