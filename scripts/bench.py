@@ -22,7 +22,9 @@ from bench_common import print_rows, resolve_device
 
 from ksd.results import atomic_write, write_json
 
-TOPICS = ["engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs", "authors", "hf_martens"]
+TOPICS = [
+    "engine", "optimizers", "curvature", "ksd", "kbfgs", "arcs", "authors", "hf_martens", "ksd_reference",
+]
 
 
 def main() -> None:
@@ -32,6 +34,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--only", nargs="*", choices=TOPICS, help="run only these benchmarks")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
+
+    def ksd_reference(path: str) -> str:  # bench_ksd_reference.py reads KSD_REFERENCE (skips without it)
+        os.environ["KSD_REFERENCE"] = path
+        return path
+
+    parser.add_argument(
+        "--ksd-reference",
+        type=ksd_reference,
+        help="converted checkout of pbrakel/ksd-theano: our KSD iteration / its (bench_ksd_reference.py)",
+    )
     parser.add_argument(
         "--authors",
         help="checkout of renyiryry/kbfgs_neurips2020_public: our epoch time / theirs (bench_authors.py)",

@@ -149,7 +149,9 @@ def test_follows_the_reference_trajectory(run):
     optimizer = reference_ksd(problem, RUNS[run])
     losses = []
     for _ in reference["phi_after"]:
-        losses.append(optimizer.step()["loss"].item())
+        stats = optimizer.step()
+        assert stats["basis_size"] == REFERENCE["settings"]["space_size"] + 1  # its K + 1 Krylov vectors
+        losses.append(stats["loss"].item())
     losses.append(problem.loss(problem.full_batch).item())
     np.testing.assert_allclose(losses, reference["loss"], rtol=1e-5, atol=0)
 
@@ -167,3 +169,24 @@ def test_keeping_the_previous_step_departs_from_the_reference():
     assert losses[1] == pytest.approx(reference["loss"][1], rel=1e-5)
     departures = np.abs(np.array(losses[2:]) / np.array(reference["loss"][2:]) - 1)
     assert departures.min() > 1e-3, departures
+
+
+@pytest.mark.parametrize("subsets", ["disjoint", "independent"])
+def test_subsets_are_disjoint_or_drawn_independently_as_the_reference_does(subsets):
+    """``subsets: independent`` draws the curvature and BFGS subsets each on its own, so they overlap at
+    times (the reference reshuffles its two data sets independently); ``disjoint`` never overlaps."""
+    problem = reference_problem()
+    problem.splits.train.inputs[:, 0] = torch.arange(
+        problem.n_train, dtype=torch.float64
+    )  # an id per example
+    optimizer = KrylovSubspaceDescent(
+        problem, KrylovSubspaceDescent.Config(curvature_size=50, bfgs_size=50, subsets=subsets)
+    )
+    overlaps = []
+    for _ in range(20):
+        curvature, bfgs = optimizer.draw_subsets()
+        assert len(curvature) == len(bfgs) == 50
+        ids = [set(batch.inputs[:, 0].tolist()) for batch in (curvature, bfgs)]
+        assert all(len(i) == 50 for i in ids)
+        overlaps.append(len(ids[0] & ids[1]))
+    assert (max(overlaps) > 0) == (subsets == "independent")  # 50 of 200: ≈ 12.5 shared examples expected
