@@ -277,3 +277,115 @@ def inner_products(rows: Tensor, columns: Tensor) -> Tensor:
         columns[:, :split].view(len(columns), count, INNER_PRODUCT_CHUNK).permute(1, 2, 0),
     )
     return chunks.sum(0, dtype=torch.float64) + rows[:, split:].double() @ columns[:, split:].double().T
+
+
+@dataclass
+class SteihaugResult:
+    """What :func:`steihaug_cg` returns."""
+
+    step: Tensor  # p, with ‖p‖_M ≤ Δ
+    residual: Tensor  # r = B p + g (the model's gradient at p)
+    model_change: float  # q(p) = gᵀp + ½ pᵀBp = ½ (gᵀp + rᵀp), no extra product
+    iterations: int  # products with B
+    stop: str  # "residual" | "boundary" | "negative_curvature" | "max_iterations" | "non_finite"
+
+    @property
+    def hits_boundary(self) -> bool:
+        return self.stop in ("boundary", "negative_curvature")
+
+
+def boundary_roots(p: Tensor, d: Tensor, radius: float, metric: Tensor | None = None) -> tuple[float, float]:
+    """Both roots ``τ₋ ≤ 0 ≤ τ₊`` of ``‖p + τd‖_M = Δ`` for ``‖p‖_M ≤ Δ`` (``M = diag(metric)``, I if None).
+
+    With ``a = dᵀMd``, ``b = pᵀMd``, ``c = pᵀMp − Δ²`` (≤ 0) and ``ρ = √(b² − ac)`` the roots are
+    ``(−b ± ρ)/a``; each is computed in the form that avoids cancellation (Golub & Van Loan, §3.5's
+    quadratic; the same forms as LIBLINEAR's ``trcg`` and SciPy's ``get_boundaries_intersections``):
+    ``τ₊ = −c/(b + ρ)`` for ``b ≥ 0`` and ``(ρ − b)/a`` otherwise; ``τ₋ = c/τ₊ / a`` (product of the roots
+    ``c/a``) unless ``τ₊ = 0``, where ``τ₋ = −2b/a``.
+    """
+    md = d if metric is None else metric * d
+    a, b = d.dot(md).item(), p.dot(md).item()
+    c = p.dot(p if metric is None else metric * p).item() - radius * radius
+    root = math.sqrt(max(b * b - a * c, 0.0))
+    plus = -c / (b + root) if b >= 0 else (root - b) / a
+    minus = c / (a * plus) if plus != 0 else -2 * b / a
+    return minus, plus
+
+
+def steihaug_cg(
+    matvec: Callable[[Tensor], Tensor],
+    grad: Tensor,
+    radius: float,
+    *,
+    tolerance: float = 0.1,
+    preconditioner: Tensor | None = None,
+    max_iterations: int = 250,
+) -> SteihaugResult:
+    """Steihaug–Toint truncated CG for ``min q(p) = gᵀp + ½ pᵀBp`` subject to ``‖p‖_M ≤ Δ``.
+
+    Nocedal & Wright (2006), Algorithm 7.2 (Steihaug 1983; Toint 1981), with the diagonal preconditioner
+    ``M = diag(preconditioner)`` (N&W §7.2, "preconditioning"; Lin & Moré 1999; LIBLINEAR's ``trpcg``):
+    the region is measured in the M-norm ``‖p‖_M = √(pᵀMp)`` and ``z = M⁻¹r``. From ``p₀ = 0``,
+    ``r₀ = g``, ``d₀ = −z₀``, for ``j = 0, 1, …``:
+
+    1. ``dⱼᵀBdⱼ ≤ 0`` (or NaN): negative curvature — return ``pⱼ + τdⱼ`` on the boundary, the root of
+       ``‖pⱼ + τdⱼ‖_M = Δ`` (:func:`boundary_roots`) with the lower model value
+       ``q(pⱼ) + τ rⱼᵀdⱼ + ½τ² dⱼᵀBdⱼ`` (N&W Alg. 7.2, first test; as SciPy's ``trust-ncg``);
+    2. ``αⱼ = rⱼᵀzⱼ / dⱼᵀBdⱼ``; if ``‖pⱼ + αⱼdⱼ‖_M ≥ Δ``: return ``pⱼ + τ₊dⱼ``, ``τ₊ ≥ 0`` (second test);
+    3. ``pⱼ₊₁ = pⱼ + αⱼdⱼ``, ``rⱼ₊₁ = rⱼ + αⱼBdⱼ``; stop when ``‖rⱼ₊₁‖_{M⁻¹} ≤ ξ ‖g‖_{M⁻¹}``
+       (``ξ = tolerance``; N&W eq. 7.3's residual test ``‖r‖ ≤ ε_k``; LIBLINEAR's
+       ``√(zᵀr) ≤ eps_cg √(z₀ᵀr₀)``), the Euclidean ``‖r‖ ≤ ξ‖g‖`` without a preconditioner;
+    4. ``βⱼ = rⱼ₊₁ᵀzⱼ₊₁ / rⱼᵀzⱼ``, ``dⱼ₊₁ = −zⱼ₊₁ + βⱼdⱼ``.
+
+    A non-finite ``dⱼᵀBdⱼ`` stops with ``pⱼ`` (``stop = "non_finite"``); ``g = 0`` returns ``p = 0`` without a
+    product. ``max_iterations`` products at most (LIBLINEAR: ``max(n, 5)``; SciPy: none). The residual is kept
+    exact at the boundary points (``r += τ Bd``), so the model change ``q(p) = ½(gᵀp + rᵀp)`` needs no
+    further product. ``‖p_j‖_M`` grows monotonically (N&W Theorem 7.3), so the first boundary crossing is
+    the one to stop at. Three host synchronisations per iteration.
+    """
+    p = torch.zeros_like(grad)
+    r = grad.clone()
+    z = r if preconditioner is None else r / preconditioner
+    d = z.neg()
+    r_dot_z = r.dot(z).item()
+    stop_at = tolerance * math.sqrt(max(r_dot_z, 0.0))
+    metric = preconditioner
+    iterations, stop = 0, "max_iterations"
+    if not math.sqrt(max(r_dot_z, 0.0)) > stop_at:  # g = 0 (or ξ ≥ 1): p = 0, as LIBLINEAR's first test
+        return SteihaugResult(p, r, 0.0, 0, "residual")
+    while iterations < max_iterations:
+        product = matvec(d)
+        iterations += 1
+        curvature = d.dot(product).item()
+        if not math.isfinite(curvature):  # a NaN/inf product: keep p_j; the caller's ρ decides
+            stop = "non_finite"
+            break
+        if curvature <= 0:
+            minus, plus = boundary_roots(p, d, radius, metric)
+            slope = r.dot(d).item()
+            change_minus = minus * slope + 0.5 * minus * minus * curvature  # q(p + τd) − q(p)
+            change_plus = plus * slope + 0.5 * plus * plus * curvature
+            tau = minus if change_minus < change_plus else plus  # ties: τ₊, as SciPy
+            p.add_(d, alpha=tau)
+            r.add_(product, alpha=tau)
+            stop = "negative_curvature"
+            break
+        alpha = r_dot_z / curvature
+        trial = p + alpha * d
+        norm = math.sqrt(trial.dot(trial if metric is None else metric * trial).item())
+        if norm >= radius:
+            _, tau = boundary_roots(p, d, radius, metric)
+            p.add_(d, alpha=tau)
+            r.add_(product, alpha=tau)
+            stop = "boundary"
+            break
+        p = trial
+        r.add_(product, alpha=alpha)
+        z = r if preconditioner is None else r / preconditioner
+        r_dot_z, previous = r.dot(z).item(), r_dot_z
+        if math.sqrt(max(r_dot_z, 0.0)) <= stop_at:
+            stop = "residual"
+            break
+        d.mul_(r_dot_z / previous).sub_(z)
+    model = 0.5 * (grad.dot(p).item() + r.dot(p).item())
+    return SteihaugResult(p, r, model, iterations, stop)

@@ -27,6 +27,7 @@ OPTIMIZERS: dict[str, str] = {
     "kbfgs_l": "ksd.optim.kbfgs:KBFGSL",
     "kfac": "ksd.optim.kfac:KFAC",
     "arcs_lsr1": "ksd.optim.arcs_lsr1:ARCsLSR1",
+    "tron": "ksd.optim.tron:TRON",
 }
 
 
