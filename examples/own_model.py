@@ -4,7 +4,7 @@
     python examples/own_model.py ksd kbfgs --steps 30
 
 Each method is built like a ``torch.optim`` optimizer, on the model and the loss, and every step is handed
-its data: the whole training set for the full-batch methods (KSD, HF, L-BFGS, nonlinear CG: their line
+its data: the whole training set for the full-batch methods (KSD, HF, TRON, L-BFGS, nonlinear CG: their line
 searches, curvature products and subsets all use it), a mini-batch for the others.
 
 The same model and data in ``ksd-run`` (Hydra imports the model class by its path):
@@ -38,6 +38,7 @@ SETTINGS: dict[str, tuple[dict, int | None]] = {
     "hf": ({"weight_decay": 0.0, "initial_damping": 1.0}, None),
     "lbfgs": ({}, None),
     "ncg": ({}, None),
+    "tron": ({"weight_decay": 0.0}, None),
     "kbfgs": ({}, 100),
     "kbfgs_l": ({"history_size": 10}, 100),
     "kfac": ({"damping": 0.3}, 100),

@@ -18,6 +18,7 @@ from torch import nn
 
 import ksd.optim.hf
 import ksd.optim.ksd
+import ksd.optim.tron
 from ksd.config import RunConfig
 from ksd.curvature import ggn_operator
 from ksd.data import DataSpec, Split, Splits
@@ -46,7 +47,7 @@ SMALL = {
 
 #: Optimizers that read host scalars in every step and therefore stop at the faulty step itself; the
 #: others never synchronise inside a step and leave a non-finite loss to the engine's next evaluation.
-CHECKED_AT_ONCE = {"lbfgs", "ncg", "hf", "ksd", "arcs_lsr1"}
+CHECKED_AT_ONCE = {"lbfgs", "ncg", "hf", "ksd", "arcs_lsr1", "tron"}
 
 
 class Fault(nn.Module):
@@ -253,6 +254,42 @@ def test_hf_rejects_the_step_when_no_trial_point_decreases_f(monkeypatch):
     assert stats["rho"] == -math.inf
     assert torch.equal(problem.theta, theta)
     assert optimizer.state["damping"] == damping * optimizer.config.damping_factor
+
+
+@pytest.mark.parametrize("radius_rule", ["liblinear", "nocedal_wright"])
+def test_tron_rejects_a_non_finite_trial_point_and_shrinks_the_radius(monkeypatch, radius_rule):
+    """Every trial objective is NaN: it counts as +∞ (actred = −∞), the step is rejected (θ unchanged) and the
+    radius shrinks: LIBLINEAR's Δ = min(σ₁‖s‖, σ₂Δ) (the interpolated step α is σ₁), N&W's Δ/4."""
+    problem, optimizer, _ = make("tron", batch_size=None, radius_rule=radius_rule)
+    optimizer.step()  # one real step: the radius is set, past LIBLINEAR's first-iteration adjustment
+    theta, radius = problem.theta.clone(), optimizer.state["radius"]
+    non_finite_away_from_theta(problem, monkeypatch)
+    stats = optimizer.step()
+    assert stats["accepted"] == 0 and stats["rho"] == -math.inf and stats["radius"] == radius
+    assert torch.equal(problem.theta, theta)
+    c = optimizer.config
+    if radius_rule == "liblinear":
+        expected = min(c.sigma1 * stats["step_norm"], c.sigma2 * radius)
+    else:
+        expected = radius / 4
+    assert optimizer.state["radius"] == pytest.approx(expected, rel=1e-12) and expected < radius
+    stats = optimizer.step()  # the next step tries the smaller region and is rejected again
+    assert stats["radius"] == pytest.approx(expected, rel=1e-12) and torch.equal(problem.theta, theta)
+
+
+def test_tron_stops_cg_at_a_non_finite_curvature_product_and_shrinks(monkeypatch):
+    """A NaN Gauss-Newton product on the first CG iteration: CG returns p = 0, the predicted reduction is 0,
+    the step is rejected and the radius shrinks by σ₁ (θ stays finite and unchanged)."""
+    problem, optimizer, _ = make("tron", batch_size=None)
+    theta = problem.theta.clone()
+    monkeypatch.setattr(
+        ksd.optim.tron, "ggn_operator", lambda problem_, batch, theta=None: lambda v: v * math.nan
+    )
+    optimizer.state["radius"] = 1.0
+    stats = optimizer.step()
+    assert stats["accepted"] == 0 and stats["cg_iterations"] == 1 and math.isnan(stats["rho"])
+    assert torch.equal(problem.theta, theta)
+    assert optimizer.state["radius"] == pytest.approx(optimizer.config.sigma1)
 
 
 def test_ksd_keeps_theta_when_the_subspace_line_search_finds_no_decrease(monkeypatch):

@@ -5,7 +5,7 @@
 others down.
 
 The library API (:mod:`ksd.optim.api`): ``KSD``, ``HessianFree``, ``KBFGS``, ``KBFGSL``, ``KFAC``,
-``ARCsLSR1``, ``LBFGS``, ``NonlinearCG``, ``SGD``, ``Adam``, ``RMSprop``, ``AdaGrad``, each built as
+``ARCsLSR1``, ``TRON``, ``LBFGS``, ``NonlinearCG``, ``SGD``, ``Adam``, ``RMSprop``, ``AdaGrad``, each built as
 ``KSD(model, loss_fn, **hyperparameters)`` and stepped as ``step(inputs, targets)``, on the same classes.
 """
 
@@ -19,6 +19,7 @@ from ksd.optim.api import (
     LBFGS,
     LIBRARY,
     SGD,
+    TRON,
     AdaGrad,
     Adam,
     ARCsLSR1,
@@ -39,6 +40,7 @@ __all__ = [
     "LIBRARY",
     "OPTIMIZERS",
     "SGD",
+    "TRON",
     "ARCsLSR1",
     "AdaGrad",
     "Adam",

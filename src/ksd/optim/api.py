@@ -182,6 +182,12 @@ class ARCsLSR1(ModelOptimizer):
     method = "arcs_lsr1"
 
 
+class TRON(ModelOptimizer):
+    """Trust-region Newton-CG (Lin & Moré 1999; LIBLINEAR): :mod:`ksd.optim.tron`, ``tron.yaml``."""
+
+    method = "tron"
+
+
 class LBFGS(ModelOptimizer):
     """L-BFGS with a strong-Wolfe line search: :mod:`ksd.optim.lbfgs`, ``conf/optimizer/lbfgs.yaml``."""
 
