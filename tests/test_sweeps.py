@@ -130,8 +130,10 @@ def test_the_cpu_set_stays_a_smoke_set():
         assert seconds is not None, f"{name}: scale=cpu needs a wall-time budget"
         total += len(jobs) * (seconds + JOB_OVERHEAD_S)
     # One job after another it took about an hour before NCG, RMSprop, AdaGrad, arcs_cifar10 and arcs_charlm
-    # joined it (95 minutes now); about half with two joblib workers. Growing it further should be a decision.
-    assert total <= 100 * 60, f"the scale=cpu set needs about {total / 60:.0f} minutes"
+    # joined it (95 minutes); about half with two joblib workers. Growing it further should be a decision:
+    # issue 22 decided to add TRON to four batch-method comparisons (ksd_mnist, ksd_curves,
+    # ksd_classification, hf_autoencoders: 15 jobs, 8 minutes), 103 minutes now.
+    assert total <= 105 * 60, f"the scale=cpu set needs about {total / 60:.0f} minutes"
 
 
 def test_slurm_gpu_launcher_selects_cuda_unless_overridden(monkeypatch):

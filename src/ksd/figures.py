@@ -47,6 +47,7 @@ COLORS = {
     "ncg": "#bcbd22",
     "rmsprop": "#000000",
     "adagrad": "#393b79",
+    "tron": "#006d6f",  # dark teal: HF's trust-region counterpart, near but distinct from HF's blue
 }
 LABELS = {
     "ksd": "KSD",
@@ -61,6 +62,7 @@ LABELS = {
     "ncg": "NCG",
     "rmsprop": "RMSprop",
     "adagrad": "AdaGrad",
+    "tron": "TRON",
 }
 BEGIN = "<!-- BEGIN make figures: tables (generated; edit outside the markers) -->"
 END = "<!-- END make figures: tables -->"
