@@ -15,6 +15,7 @@ from scipy.optimize import _trustregion_ncg
 from torch import nn
 
 from ksd.data import DataSpec, Split, Splits
+from ksd.errors import ConfigError
 from ksd.losses import build_loss
 from ksd.optim.linalg import boundary_roots, steihaug_cg
 from ksd.optim.tron import TRON
@@ -304,3 +305,27 @@ def test_config_file_lists_every_field_and_selects_sparse_init():
     assert set(listed) == {f.name for f in dataclasses.fields(Config)}
     assert {"/init@_global_": "sparse"} in defaults
     assert Config(**listed) == Config()
+
+
+def test_step_scale_multiplies_the_radius_a_step_uses():
+    """``run.on_divergence=rewind`` halves ``step_scale``: the first step's radius halves, and the stored
+    radius stays in unscaled units (the scaled one divided back)."""
+    first = []
+    for scale in (1.0, 0.5):
+        optimizer = TRON(logistic_problem(), Config(weight_decay=TAU, num_chunks=1))
+        optimizer.step_scale = scale
+        stats = optimizer.step()
+        first.append(stats["radius"])
+        assert optimizer.state["radius"] == pytest.approx(4 * stats["radius"] / scale, rel=1e-12)
+    assert first[1] == pytest.approx(0.5 * first[0], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("eta0", 0.3), ("eta2", 1.0), ("sigma1", 0.6), ("sigma3", 1.0), ("initial_radius", 0.0),
+     ("max_radius", -1.0), ("cg_tolerance", 0.0), ("num_chunks", 0), ("radius_rule", "more"),
+     ("curvature", "fisher"), ("cg_forcing", "quadratic")],
+)
+def test_config_refuses_bad_values(field, value):
+    with pytest.raises(ConfigError, match=field):
+        Config(**{field: value})
