@@ -103,7 +103,11 @@ def test_grid_list_values_stay_single_values():
     assert jobs == [["optimizer=kbfgs", "optimizer.lr_decay_epochs=[40,80]"]]
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+# Every experiment in the slow set (the smoke sets' configs); the default run's data set, ksd_curves, in the
+# fast set.
+@pytest.mark.parametrize(
+    "name", [n if n == "ksd_curves" else pytest.param(n, marks=pytest.mark.slow) for n in EXPERIMENTS]
+)
 def test_experiment_is_a_valid_sweep_at_every_scale(name):
     for scale in SCALES:
         jobs, cfg = sweep_jobs(name, scale)
