@@ -15,7 +15,9 @@ Each run is one configuration of the MNIST autoencoder of the K-BFGS demo (all 6
   beside this CPU torch) are stubbed.
 
 Every run is a subprocess with one thread (``OMP_NUM_THREADS=1``), ``--jobs`` at a time; each result is a
-JSON file under ``--out`` and a re-run skips the runs already there, so an interrupted measurement resumes.
+small JSON file under ``--out`` (``results/kbfgs_divergence``, committed: the measurement's data) and a
+re-run skips the runs already there, so an interrupted measurement resumes, in a later checkout too. Our
+runs' own folders go to ``--runs`` (``multirun/kbfgs_divergence``).
 The table gives per method, code and variant: runs, diverged, the rate with its 95 % Wilson score interval,
 the mean final training loss of the runs that completed, and Fisher's exact test (two-sided) of the
 variant's rate against the authors' code (``paper``) or, without it, against ours at ``paper``.
@@ -122,8 +124,8 @@ def result_path(out: Path, code: str, method: str, variant: str, seed: int) -> P
     return out / f"{code}-{method}-{variant}-seed{seed}.json"
 
 
-def run_ours(out: Path, method: str, variant: str, seed: int, epochs: int) -> dict[str, Any]:
-    run_dir = out / "ours" / f"{method}-{variant}-seed{seed}"
+def run_ours(runs: Path, method: str, variant: str, seed: int, epochs: int) -> dict[str, Any]:
+    run_dir = runs / f"{method}-{variant}-seed{seed}"
     command = [
         str(Path(sys.executable).parent / "ksd-run"),
         *BASE,
@@ -207,7 +209,7 @@ def measure(args: argparse.Namespace) -> None:
         if code == "authors":
             result = run_authors(args.authors, method, seed, args.epochs, args.authors_python)
         else:
-            result = run_ours(out, method, variant, seed, args.epochs)
+            result = run_ours(args.runs, method, variant, seed, args.epochs)
         result.update(code=code, method=method, variant=variant, seed=seed, run_epochs=args.epochs)
         path = result_path(out, *job)
         tmp = path.with_suffix(".tmp")
@@ -274,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--authors-python", default=sys.executable, help="the Python that runs their code (with scipy, pytz)"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "multirun" / "kbfgs_divergence")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "kbfgs_divergence")
+    parser.add_argument("--runs", type=Path, default=ROOT / "multirun" / "kbfgs_divergence")
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs under --out")
     args = parser.parse_args(argv)
     if args.authors is not None and not (args.authors / "training_function.py").is_file():
