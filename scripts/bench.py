@@ -12,6 +12,7 @@ import importlib
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,11 +54,20 @@ def main() -> None:
         os.environ["KBFGS_AUTHORS"] = args.authors
     device = resolve_device(args.device)
     rows: list[dict] = []
+    # How loaded the machine was: ratios come from interleaved timings and hold under load, seconds do not.
+    load = {"before": _load()}
+    elapsed: dict[str, float] = {}
+    start = time.perf_counter()
     for topic in args.only or TOPICS:
         print(f"[{topic}]", flush=True)
+        began = time.perf_counter()
         topic_rows = importlib.import_module(f"bench_{topic}").run(device)
+        elapsed[topic] = round(time.perf_counter() - began, 1)
         print_rows(topic_rows)
+        print(f"[{topic}: {elapsed[topic]:.0f} s]", flush=True)
         rows += [{"topic": topic, **row} for row in topic_rows]
+    elapsed["total"] = round(time.perf_counter() - start, 1)
+    load["after"] = _load()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -69,6 +79,9 @@ def main() -> None:
     }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
+    meta["date"] = time.strftime("%Y-%m-%d %H:%M")
+    meta["seconds"] = elapsed
+    meta["load"] = load
     write_json(out / "bench.json", {"meta": meta, "rows": rows})
     lines = ["| topic | measurement | ratio | target | detail |", "|---|---|---|---|---|"]
     for r in rows:
@@ -76,8 +89,26 @@ def main() -> None:
         lines.append(
             f"| {r['topic']} | {r['name']} | {ratio} | {r.get('target') or ''} | {r.get('detail', '')} |"
         )
-    atomic_write(out / "bench.md", lambda f: f.write(f"Device: {meta}\n\n" + "\n".join(lines) + "\n"))
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    device_meta = {k: v for k, v in meta.items() if k not in ("date", "seconds", "load")}
+    header = (
+        f"Device: {device_meta}\n\n"
+        f"Measured {meta['date']} in {elapsed['total']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in elapsed.items() if k != 'total')}). "
+        f"Load average (1, 5, 15 min) on {os.cpu_count()} CPUs: {load['before']} before, "
+        f"{load['after']} after; "
+        "a load above the CPU count means other processes shared the cores, which stretches the seconds "
+        "but not the ratios of interleaved timings.\n\n"
+    )
+    atomic_write(out / "bench.md", lambda f: f.write(header + "\n".join(lines) + "\n"))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({elapsed['total']:.0f} s)")
+
+
+def _load() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What each optimizer costs on the MNIST autoencoder, relative to SGD, in one process.
 
-* time per step and per epoch (time of the timed steps / epochs they consumed) divided by SGD's;
+* time per step and per epoch (time of the timed steps / epochs they consumed) divided by SGD's, and
+  time per step divided by Adam's (every mini-batch method at batch 1,000, NCG, HF and KSD full batch);
 * optimizer-state memory (bytes of the tensors in ``state_dict``) divided by the parameters' bytes;
 * growth of step time with batch size and with layer width (three sizes each) as a fitted exponent
   ``t ∝ size^p`` (least squares on log-log).
@@ -31,6 +32,8 @@ TRAIN_SIZE = 10_000
 SETTINGS: dict[str, dict] = {
     "sgd": {"batch_size": 1000},
     "adam": {"batch_size": 1000},
+    "rmsprop": {"batch_size": 1000},
+    "adagrad": {"batch_size": 1000},
     "lbfgs": {"batch_size": 1000, "line_search": "none", "lr": 0.1},
     "kbfgs": {"batch_size": 1000},
     "kbfgs_l": {"batch_size": 1000},
@@ -54,12 +57,13 @@ class Timing(NamedTuple):
     per_epoch: float  # seconds per epoch: total time of the timed steps / total epochs they consumed
 
 
-def time_steps(optimizer, device: torch.device, steps: int) -> Timing:
+def time_steps(optimizer, device: torch.device, steps: int, warmup: int | None = None) -> Timing:
     """Steady-state cost of a step, as in the module docstring: the warm-up steps, then ``steps`` timed steps
-    (median), or one whole period of ``inverse_every`` steps (mean) for an optimizer with that field."""
+    (median), or one whole period of ``inverse_every`` steps (mean) for an optimizer with that field.
+    ``warmup`` replaces the default warm-up for an optimizer that is in its steady state already."""
     config = optimizer.config
     history, period = getattr(config, "history_size", 0), getattr(config, "inverse_every", None)
-    for _ in range(max(1, history + 1, (period or 0) + 1)):
+    for _ in range(max(1, history + 1, (period or 0) + 1) if warmup is None else warmup):
         optimizer.step()
     times, epochs = [], []
     for _ in range(period or steps):
@@ -83,6 +87,7 @@ def run(device: torch.device, steps: int = 3) -> list[dict]:
     rows: list[dict] = []
     names = available()
     measured: dict[str, tuple[Timing, int, float | None]] = {}
+    scaling_rows: list[dict] = []
     for name in names:
         problem = mnist_autoencoder_problem(device, TRAIN_SIZE)
         optimizer = build(name, problem)
@@ -92,13 +97,23 @@ def run(device: torch.device, steps: int = 3) -> list[dict]:
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         measured[name] = (timing, state_bytes(optimizer.state_dict()), peak)
         param_bytes = problem.n_params * problem.theta.element_size()
-    sgd = measured["sgd"][0]
+        # the exponents next, while this optimizer is warmed up: its steady state serves the other batch sizes
+        scaling_rows += scaling(device, name, optimizer, timing)
+        del optimizer, problem
+    sgd, adam = measured["sgd"][0], measured["adam"][0]
     for name, (timing, nbytes, peak) in measured.items():
         detail = f"{timing.step * 1000:.1f} ms/step, {timing.epochs:.3f} epochs/step"
         if peak is not None:
             detail += f", peak GPU memory {peak:.0f} MiB"
         rows.append(
             {"name": f"{name}: time per step / SGD", "ratio": timing.step / sgd.step, "detail": detail}
+        )
+        rows.append(
+            {
+                "name": f"{name}: time per step / Adam",
+                "ratio": timing.step / adam.step,
+                "detail": f"{timing.step * 1000:.1f} vs {adam.step * 1000:.1f} ms/step",
+            }
         )
         rows.append(
             {
@@ -114,54 +129,60 @@ def run(device: torch.device, steps: int = 3) -> list[dict]:
                 "detail": f"{nbytes / 2**20:.1f} MiB",
             }
         )
-    rows += scaling(device, names)
-    return rows
+    return rows + scaling_rows
 
 
-def scaling(device: torch.device, names: list[str]) -> list[dict]:
+def scaling(device: torch.device, name: str, warmed, timing: Timing) -> list[dict]:
     """Exponents of step time in batch size (mini-batch methods) or training-set size (full-batch methods)
     and in the autoencoder's width (all hidden widths scaled by 0.5, 1, 2), one timed step per size (K-FAC:
-    one inversion period) after the warm-up of ``time_steps``. For HF and KSD the work per step varies (CG
-    and BFGS iterations), so their exponents mix the cost of a product with the number of products."""
-    rows = []
+    one inversion period) in the steady state of ``time_steps``. For HF and KSD the work per step varies (CG
+    and BFGS iterations), so their exponents mix the cost of a product with the number of products.
+
+    Nothing is measured twice (this used to be more than half of ``make bench``): ``warmed`` is the
+    optimizer whose step took ``timing`` (batch 1,000 of 10,000 examples, warmed up). A mini-batch method
+    keeps it for the smaller batches, its state already steady (its memory of pairs full, K-FAC past its
+    first period), with one step at the new size before the timed one; its width ×1 point is its batch-500
+    step (the width sweep's batch; the step does not depend on the training-set size). A full-batch
+    method's step on 10,000 examples is ``timing`` where the settings are the same (HF, NCG, not KSD,
+    whose subsets scale with the size here)."""
     sizes = [250, 500, 1000]
     factors = [0.5, 1.0, 2.0]
-    for name in names:
-        full_batch = SETTINGS.get(name, {}).get("batch_size") is None
-        batch_times = []
+    full_batch = SETTINGS.get(name, {}).get("batch_size") is None
+    batch_times: dict[int, float] = {}
+    if full_batch:
         for size in sizes:
-            train = size * 10 if full_batch else TRAIN_SIZE
-            problem = mnist_autoencoder_problem(device, train)
-            overrides = (
-                {"curvature_size": size * 2, "bfgs_size": size * 2} if full_batch else {"batch_size": size}
-            )
-            batch_times.append(time_steps(build(name, problem, **overrides), device, 1).step)
-        width_times = []
-        for factor in factors:
-            problem = mnist_autoencoder_problem(
-                device, 2000, widths=[int(w * factor) for w in (1000, 500, 250)] + [30]
-            )
-            width_times.append(
-                time_steps(
-                    build(name, problem, batch_size=500, curvature_size=500, bfgs_size=500), device, 1
-                ).step
-            )
-        what = "training-set size" if full_batch else "batch size"
-        rows.append(
-            {
-                "name": f"{name}: step time exponent in {what}",
-                "ratio": log_log_slope(sizes, batch_times),
-                "detail": ", ".join(f"{s}: {t * 1000:.0f} ms" for s, t in zip(sizes, batch_times)),
-            }
+            problem = mnist_autoencoder_problem(device, size * 10)
+            optimizer = build(name, problem, curvature_size=size * 2, bfgs_size=size * 2)
+            same = size * 10 == TRAIN_SIZE and optimizer.config == warmed.config
+            batch_times[size] = timing.step if same else time_steps(optimizer, device, 1).step
+    else:
+        batch_times[1000] = timing.step
+        for size in (500, 250):
+            warmed.config.batch_size = size
+            batch_times[size] = time_steps(warmed, device, 1, warmup=1).step
+    width_times: dict[float, float] = {}
+    for factor in factors:
+        if factor == 1.0 and not full_batch:
+            width_times[factor] = batch_times[500]
+            continue
+        problem = mnist_autoencoder_problem(
+            device, 2000, widths=[int(w * factor) for w in (1000, 500, 250)] + [30]
         )
-        rows.append(
-            {
-                "name": f"{name}: step time exponent in layer width",
-                "ratio": log_log_slope(factors, width_times),
-                "detail": ", ".join(f"x{f}: {t * 1000:.0f} ms" for f, t in zip(factors, width_times)),
-            }
-        )
-    return rows
+        optimizer = build(name, problem, batch_size=500, curvature_size=500, bfgs_size=500)
+        width_times[factor] = time_steps(optimizer, device, 1).step
+    what = "training-set size" if full_batch else "batch size"
+    return [
+        {
+            "name": f"{name}: step time exponent in {what}",
+            "ratio": log_log_slope(sizes, [batch_times[s] for s in sizes]),
+            "detail": ", ".join(f"{s}: {batch_times[s] * 1000:.0f} ms" for s in sizes),
+        },
+        {
+            "name": f"{name}: step time exponent in layer width",
+            "ratio": log_log_slope(factors, [width_times[f] for f in factors]),
+            "detail": ", ".join(f"x{f}: {width_times[f] * 1000:.0f} ms" for f in factors),
+        },
+    ]
 
 
 if __name__ == "__main__":
