@@ -46,7 +46,7 @@ def engine_epoch(device: torch.device, train_size: int, batch_size: int, lr: flo
 
 
 def run(
-    device: torch.device, train_size: int = 10_000, batch_size: int = 100, repeats: int = 2
+    device: torch.device, train_size: int = 10_000, batch_size: int = 100, repeats: int = 4
 ) -> list[dict]:
     lr = 0.01
     engine_times, plain_times = [], []
