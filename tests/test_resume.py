@@ -53,7 +53,7 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
 
 
-# every optimizer in the slow set; K-BFGS(L) (ring buffers of pairs, counters, generator) in the fast set
+# K-BFGS(L) (ring buffers of pairs, counters, generator) in the fast set, every other one in the slow set
 @pytest.mark.parametrize(
     "name", [n if n == "kbfgs_l" else pytest.param(n, marks=pytest.mark.slow) for n in OPTIMIZERS]
 )
