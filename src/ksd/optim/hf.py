@@ -83,8 +83,8 @@ rates and λ; ``tests/test_hf_martens.py`` keeps the first 10 (``tests/data/hf_m
   ``nnet_train_2.m`` itself cuts contiguous chunks of the cases in the order it is given; its demo
   script (``nnet_demo_2.m``) permutes the training cases once (``randperm``) before calling it, and
   ``chunk_order: shuffled`` does the same with a fixed permutation (``torch.randperm`` with seed
-  ``CHUNK_SEED``, the same for every run, like the validation carve; our CURVES/MNIST training splits
-  have no class order, so contiguous chunks are already unsorted samples). The gradient and line-search
+  ``ksd.optim.chunks.CHUNK_SEED``, the same for every run, like the validation carve; our CURVES/MNIST
+  training splits have no class order, so contiguous chunks are already unsorted samples). The gradient and line-search
   batch are the whole training set either way.
 * **λ updates**: the code multiplies by ``drop = 2/3`` and ``boost = 1/drop``; this module divides and
   multiplies by ``damping_factor = 1.5``. ``λ·(2/3)`` and ``λ/1.5`` differ in the last bit at times
@@ -97,24 +97,21 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ksd.curvature import ggn_operator, loss_gradient_and_squared_gradients
 from ksd.errors import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
+from ksd.optim.chunks import CHUNK_ORDERS, CurvatureChunks
 from ksd.optim.linalg import conjugate_gradient
 from ksd.problem import Batch, Problem
 
 #: Levenberg-Marquardt thresholds on the reduction ratio ρ (Martens 2010, §4.1; Moré 1978).
 RHO_LOW, RHO_HIGH = 0.25, 0.75
 CG_STOP_RULES = ("paper", "martens")
-CHUNK_ORDERS = ("contiguous", "shuffled")
-#: Seed of the fixed permutation that ``chunk_order: shuffled`` cuts the curvature chunks from.
-CHUNK_SEED = 0
 
 
-class HessianFree(Optimizer):
+class HessianFree(CurvatureChunks, Optimizer):
     step_scale_applies_to = "1 / λ (the damping is divided by it)"
 
     @dataclass
@@ -170,37 +167,6 @@ class HessianFree(Optimizer):
         if problem.n_train:  # refuse a too small training set before training (the library API: each step)
             self.check_chunks()
         self.state.update(damping=float(self.config.initial_damping), previous_step=None, iteration=0)
-        self._permutation: Tensor | None = None  # chunk_order: shuffled (a function of n_train, not state)
-
-    def check_chunks(self) -> None:
-        """Refuse a training set with fewer examples than curvature chunks (checked at every step, because
-        the library API may hand each step data of another size)."""
-        n = self.problem.n_train
-        chunks = self.config.num_chunks
-        require(chunks <= n, f"optimizer.num_chunks={chunks} exceeds the {n} training examples.")
-
-    def curvature_chunk(self, iteration: int) -> Batch:
-        """Chunk ``iteration mod num_chunks`` of the training set: a contiguous slice, or with
-        ``chunk_order: shuffled`` a slice of one fixed permutation (seed ``CHUNK_SEED``)."""
-        c, problem = self.config, self.problem
-        if c.chunk_order == "contiguous":
-            return problem.train_chunk(iteration, c.num_chunks)
-        n = problem.n_train
-        if self._permutation is None or len(self._permutation) != n:
-            generator = torch.Generator().manual_seed(CHUNK_SEED)
-            self._permutation = torch.randperm(n, generator=generator).to(problem.device)
-        size = n // c.num_chunks
-        start = (iteration % c.num_chunks) * size
-        return problem.batch(problem.splits.train, self._permutation[start : start + size])
-
-    def _objective(self, batch: Batch, theta: Tensor) -> float:
-        """``f_batch(θ) + τ/2 ‖θ‖²`` as a float (the comparisons of HF need host scalars).
-
-        A non-finite value is +∞, so a trial point where the network overflows loses every comparison:
-        CG backtracking moves past it, ρ = −∞ raises the damping and the Armijo search shortens the step.
-        """
-        value = self.regularized(self.problem.loss(batch, theta), theta=theta).item()
-        return value if math.isfinite(value) else math.inf
 
     def step(self) -> Stats:
         c, st, problem = self.config, self.state, self.problem

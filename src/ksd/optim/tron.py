@@ -70,15 +70,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ksd.curvature import ggn_operator, hessian_operator, loss_gradient_and_squared_gradients
 from ksd.errors import require
 from ksd.optim.base import Optimizer, OptimizerConfig, Stats
-from ksd.optim.hf import CHUNK_ORDERS, CHUNK_SEED
+from ksd.optim.chunks import CHUNK_ORDERS, CurvatureChunks
 from ksd.optim.linalg import steihaug_cg
-from ksd.problem import Batch, Problem
+from ksd.problem import Problem
 
 RADIUS_RULES = ("liblinear", "nocedal_wright")
 CURVATURES = ("ggn", "hessian")
@@ -87,7 +86,7 @@ CG_FORCINGS = ("constant", "sqrt")
 NW_LOW, NW_HIGH, NW_SHRINK, NW_GROW = 0.25, 0.75, 0.25, 2.0
 
 
-class TRON(Optimizer):
+class TRON(CurvatureChunks, Optimizer):
     step_scale_applies_to = "Δ (the trust radius a step uses is multiplied by it)"
 
     @dataclass
@@ -153,29 +152,6 @@ class TRON(Optimizer):
         if problem.n_train:  # refuse a too small training set before training (the library API: each step)
             self.check_chunks()
         self.state.update(radius=None, iteration=0)
-        self._permutation: Tensor | None = None  # chunk_order: shuffled (a function of n_train, not state)
-
-    def check_chunks(self) -> None:
-        n, chunks = self.problem.n_train, self.config.num_chunks
-        require(chunks <= n, f"optimizer.num_chunks={chunks} exceeds the {n} training examples.")
-
-    def curvature_chunk(self, iteration: int) -> Batch:
-        """Chunk ``iteration mod num_chunks``, cut as HF's (``HessianFree.curvature_chunk``)."""
-        c, problem = self.config, self.problem
-        if c.chunk_order == "contiguous":
-            return problem.train_chunk(iteration, c.num_chunks)
-        n = problem.n_train
-        if self._permutation is None or len(self._permutation) != n:
-            generator = torch.Generator().manual_seed(CHUNK_SEED)
-            self._permutation = torch.randperm(n, generator=generator).to(problem.device)
-        size = n // c.num_chunks
-        start = (iteration % c.num_chunks) * size
-        return problem.batch(problem.splits.train, self._permutation[start : start + size])
-
-    def _objective(self, batch: Batch, theta: Tensor) -> float:
-        """``f_batch(θ) + τ/2 ‖θ‖²`` as a float; +∞ when not finite (the trial point is then rejected)."""
-        value = self.regularized(self.problem.loss(batch, theta), theta=theta).item()
-        return value if math.isfinite(value) else math.inf
 
     def step(self) -> Stats:
         c, st, problem = self.config, self.state, self.problem
