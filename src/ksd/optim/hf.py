@@ -84,8 +84,8 @@ rates and λ; ``tests/test_hf_martens.py`` keeps the first 10 (``tests/data/hf_m
   script (``nnet_demo_2.m``) permutes the training cases once (``randperm``) before calling it, and
   ``chunk_order: shuffled`` does the same with a fixed permutation (``torch.randperm`` with seed
   ``ksd.optim.chunks.CHUNK_SEED``, the same for every run, like the validation carve; our CURVES/MNIST
-  training splits have no class order, so contiguous chunks are already unsorted samples). The gradient and line-search
-  batch are the whole training set either way.
+  training splits have no class order, so contiguous chunks are already unsorted samples). The gradient
+  and line-search batch are the whole training set either way.
 * **λ updates**: the code multiplies by ``drop = 2/3`` and ``boost = 1/drop``; this module divides and
   multiplies by ``damping_factor = 1.5``. ``λ·(2/3)`` and ``λ/1.5`` differ in the last bit at times
   (measured: ≤ 1.2·10⁻¹⁵ relative after 40 updates), far below what the trajectory resolves.
