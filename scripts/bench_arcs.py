@@ -4,13 +4,13 @@
 decoder, 2.8 M parameters) with mini-batches of 1000: ARCs-LSR1 for m = 5, 10, 20, 40, L-BFGS
 (``ksd.optim.lbfgs.LBFGS``, ``line_search: none``, so like ARCs-LSR1 it takes exactly two gradients per step:
 at θ and at θ + s on the same batch) for m = 5 and 20, and Adam. Each quasi-Newton optimizer first runs
-``m + 3`` steps so that its memory is full. Every ratio comes from interleaved timing
-(``bench_common.paired_step_times``): ``repeats`` blocks of three steps of ARCs-LSR1 alternate with blocks
-of three steps of its baseline (the device synchronised around each step), and the ratio of the two medians
-is reported, so both are measured under the same load on a shared machine. The baselines: L-BFGS with the
-same m and Adam (m = 5 and 20), and for every m two gradient passes on one fixed batch, which gives the
-ARCs-LSR1 step times of the m-fit. Real MNIST when ``$KSD_DATA`` holds it, otherwise random images of the
-same shape (timing does not depend on the pixel values).
+``m + 3`` steps so that its memory is full (all but the last on small batches: ``bench_common.warm_up``).
+Every ratio comes from interleaved timing (``bench_common.paired_step_times``): ``repeats`` blocks of three
+steps of ARCs-LSR1 alternate with blocks of three steps of its baseline (the device synchronised around each
+step), and the ratio of the two medians is reported, so both are measured under the same load on a shared
+machine. The baselines: L-BFGS with the same m and Adam (m = 5 and 20), and for every m two gradient passes
+on one fixed batch, which gives the ARCs-LSR1 step times of the m-fit. Real MNIST when ``$KSD_DATA`` holds
+it, otherwise random images of the same shape (timing does not depend on the pixel values).
 
 The growth with m is fitted as ``t(m) ∝ m^p`` (least squares on log-log) twice: for the whole step and for
 its overhead over the two gradient passes, where the O(nm) products with the stored pairs live.
@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from bench_common import log_log_slope, mnist_autoencoder_problem, paired_step_times
+from bench_common import log_log_slope, mnist_autoencoder_problem, paired_step_times, warm_up
 
 from ksd.optim.arcs_lsr1 import ARCsLSR1
 from ksd.optim.first_order import Adam
@@ -63,13 +63,14 @@ def run(device: str | torch.device = "cpu", repeats: int | None = None) -> list[
     arcs, gradients, pairs, lbfgs, vs_adam = {}, {}, {}, {}, {}
     for m in MEMORIES:
         optimizer = ARCsLSR1(problem(), ARCsLSR1.Config(batch_size=BATCH, history_size=m))
-        arcs[m], gradients[m] = medians(optimizer.step, two_gradients, m + 3)
+        warm_up(optimizer, m + 3)
+        arcs[m], gradients[m] = medians(optimizer.step, two_gradients, 0)
         pairs[m] = len(optimizer.memory)
         if m in (5, 20):
             config = LBFGS.Config(batch_size=BATCH, history_size=m, line_search="none", lr=0.1)
             baseline = LBFGS(problem(), config)
-            # (L-BFGS time, ARCs time), L-BFGS warmed up by the call until its memory is full
-            lbfgs[m] = medians(baseline.step, optimizer.step, m + 3)
+            warm_up(baseline, m + 3)
+            lbfgs[m] = medians(baseline.step, optimizer.step, 0)  # (L-BFGS time, ARCs time)
             vs_adam[m] = medians(optimizer.step, adam.step, 0)
     where = (f"{device.type}, {p.splits.spec.source}, {p.n_params:,} parameters, batch {BATCH}, "
              f"medians of {3 * repeats} steps in alternating blocks of 3")

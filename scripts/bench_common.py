@@ -60,6 +60,32 @@ def paired_step_times(
     return times, baseline_times
 
 
+#: Mini-batch of the warm-up steps of ``warm_up``: what makes a quasi-Newton step reach its steady cost
+#: is how many steps it has taken, not the batch they were taken on.
+WARMUP_BATCH = 50
+
+
+def warm_up(optimizer, steps: int) -> None:
+    """Take ``steps`` steps to bring ``optimizer`` to its steady-state cost, cheaply.
+
+    A step's cost grows until the optimizer's memory is full (L-BFGS, ARCs-LSR1 and K-BFGS(L): one pair
+    per step, the compact form as wide as the steps taken) or its first inversion period is over (K-FAC
+    inverts every step until then), and it depends on how many steps were taken, not on their batch. So a
+    mini-batch optimizer takes all but the last of them on ``WARMUP_BATCH`` examples (K-BFGS(L)'s 101
+    warm-up steps at batch 1,000 were a quarter of ``make bench``), then one at its own batch, which
+    brings the batch's buffers and caches back. Full-batch optimizers take their steps as configured.
+    """
+    size = optimizer.config.batch_size
+    if size is not None and steps > 1:
+        optimizer.config.batch_size = min(size, WARMUP_BATCH)
+        for _ in range(steps - 1):
+            optimizer.step()
+        optimizer.config.batch_size = size
+        steps = 1
+    for _ in range(steps):
+        optimizer.step()
+
+
 def log_log_slope(sizes: list[float], times: list[float]) -> float:
     """Exponent ``p`` of ``time ∝ size^p``: the least-squares slope of log(time) against log(size)."""
     xs, ys = [math.log(s) for s in sizes], [math.log(t) for t in times]

@@ -7,8 +7,9 @@ one by one (device synchronised around each) after warm-up steps, in blocks of t
 blocks of three Adam steps, and the ratio of the medians is reported. Warm-up
 covers K-BFGS's step 0 (pass over the training data for Ā, explicit inverses), K-BFGS(L)'s first
 ``history_size`` steps (until its ring buffers are full, so the compact form has its steady width) and
-K-FAC's first ``inverse_every`` steps (inverses every step); K-FAC's time is the mean over one full
-inversion period (``inverse_every`` steps, one of which refreshes the inverses), its amortised cost.
+K-FAC's first ``inverse_every`` steps (inverses every step), all but the last on small batches
+(``bench_common.warm_up``); K-FAC's time is the mean over one full inversion period (``inverse_every``
+steps, one of which refreshes the inverses), its amortised cost.
 
 Where the time goes (batch N = 1000, P = 2.8 M parameters): an Adam step is one forward/backward,
 ≈ 6NP = 17 GFLOP. K-BFGS adds the second pass at the trial point (forward + pre-activation gradients
@@ -49,6 +50,7 @@ from bench_common import (
     resolve_device,
     state_bytes,
     sync,
+    warm_up,
 )
 
 from ksd.optim import optimizer_class
@@ -123,12 +125,14 @@ def run(device: torch.device, repeats: int = 3) -> list[dict]:  # 7 until 2026-1
         opt = make(name, device, **overrides)
         if name == "kfac":  # amortised: one full inversion period, one step of which refreshes the inverses
             period = opt.config.inverse_every
-            times, adam_times = paired_step_times(opt.step, adam.step, device, period + 1, 1, block=period)
+            warm_up(opt, period + 1)
+            times, adam_times = paired_step_times(opt.step, adam.step, device, 0, 1, block=period)
             seconds, adam_time = statistics.mean(times), statistics.mean(adam_times)
             how = f"means of {period} steps (one inverse refresh)"
         else:  # K-BFGS(L): warm up until its ring buffers are full (steady-state cost)
             warmup = getattr(opt.config, "history_size", 1) + 1
-            times, adam_times = paired_step_times(opt.step, adam.step, device, warmup, repeats)
+            warm_up(opt, warmup)
+            times, adam_times = paired_step_times(opt.step, adam.step, device, 0, repeats)
             seconds, adam_time = statistics.median(times), statistics.median(adam_times)
             how = f"medians of {3 * repeats} steps in alternating blocks of 3, after {warmup} warm-up steps"
         rows.append(
