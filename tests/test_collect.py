@@ -165,6 +165,21 @@ def test_collect_add_keeps_the_other_experiments_of_the_table(sweep, tmp_path):
     assert len(pd.read_parquet(out.with_name("runs.parquet"))) == len(table)
 
 
+def test_collect_add_replaces_only_the_optimizers_collected(sweep, tmp_path):
+    out = tmp_path / "results" / "runs"
+    main([str(sweep), "--out", str(out)])
+    before = pd.read_parquet(out.with_name("runs.parquet"))
+    again = tmp_path / "later" / "toy-cpu"
+    write_run(again, "sgd_long", config("sgd", 7, lr=0.1), "completed", curve(1, 3))
+    main([str(again), "--out", str(out), "--add"])
+    after = pd.read_parquet(out.with_name("runs.parquet"))
+    sgd = after[after["optimizer"] == "sgd"]
+    assert set(sgd["seed"]) == {7}  # the new sgd sweep replaced the old sgd runs
+    kept = after[after["optimizer"] != "sgd"].reset_index(drop=True)
+    expected = before[before["optimizer"] != "sgd"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[expected.columns], expected)  # adam's rows as they were
+
+
 def test_seed_band_interpolates_onto_the_common_time_range():
     a = pd.DataFrame({"wall_time": [0.0, 2.0, 4.0], "train_loss": [4.0, 2.0, 0.0]})
     b = pd.DataFrame({"wall_time": [0.0, 1.0], "train_loss": [6.0, 4.0]})

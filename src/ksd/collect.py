@@ -229,8 +229,10 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def merge_tables(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """``new`` plus the rows of ``old`` whose (experiment, scale) ``new`` does not have."""
-    groups = ["experiment", "scale"]
+    """``new`` plus the rows of ``old`` whose (experiment, scale, optimizer) ``new`` does not have: a sweep
+    of some optimizers replaces their runs and keeps the others' (a 75-epoch K-FAC run beside new K-BFGS
+    ones)."""
+    groups = ["experiment", "scale", "optimizer"]
     replaced = new[groups].astype(str).drop_duplicates().apply(tuple, axis=1)
     keep = ~old[groups].astype(str).apply(tuple, axis=1).isin(set(replaced))
     return pd.concat([old[keep], new], ignore_index=True)
@@ -280,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--add",
         action="store_true",
-        help="keep the runs already in STEM.parquet of every experiment and scale not collected now "
-        "(to add one sweep to the committed table without the others' run folders)",
+        help="keep the runs already in STEM.parquet of every experiment, scale and optimizer not collected "
+        "now (to add one sweep to the committed table without the others' run folders)",
     )
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.is_dir()]
