@@ -224,6 +224,32 @@ def test_paper_epochs_figures_carry_the_scale_and_the_reference_per_epoch(tmp_pa
     assert "KFAC" not in section.split("Per epoch")[1]  # no run of ours to put beside it
 
 
+def test_paper_epochs_figures_draw_the_reference_curves_against_epochs(tmp_path, monkeypatch):
+    """The authors' per-epoch curve is drawn, dotted, in the epoch panels only, up to our last epoch."""
+    import matplotlib.figure
+
+    root = tmp_path / "multirun" / "toy-paper_epochs"
+    cfg = {**config("sgd", 0, lr=0.1), "scale": "paper_epochs"}
+    rows = [{**row, "epoch": float(i)} for i, row in enumerate(curve(1.0, 0.5))]
+    write_run(root, "sgd_s0", cfg, "completed", rows)
+    reference = tmp_path / "authors.csv"
+    lines = ["method,epoch,train_loss,test_loss", "SGD-m,1,6.5,3.25", "SGD-m,2,4.5,2", "SGD-m,3,4,1.5"]
+    reference.write_text("\n".join(lines) + "\n")
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))
+    )
+    render(collect([root]), tmp_path / "figures", reference_curves(reference))
+    time_panel, train_panel, test_panel = figures[0].axes
+    notebook = "SGD-m, authors' notebook"
+    assert notebook not in [line.get_label() for line in time_panel.get_lines()]
+    for panel, metric in ((train_panel, [6.5, 4.5]), (test_panel, [3.25, 2.0])):
+        (line,) = [line for line in panel.get_lines() if line.get_label() == notebook]
+        assert line.get_linestyle() == ":"
+        assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == metric  # epoch 3 is past ours
+
+
 def test_optimizer_colours_are_fixed_and_distinct():
     assert len(set(COLORS.values())) == len(COLORS)
     assert color("sgd") == COLORS["sgd"]

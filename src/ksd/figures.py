@@ -145,10 +145,13 @@ def draw(
     reported: dict[str, dict[str, float]],
     title: str,
     path: Path,
+    reference: pd.DataFrame | None = None,
 ) -> list[Path]:
     """One paper-style figure of the selected runs in ``rows``; writes ``path``.png and .pdf.
 
-    ``info`` is :func:`experiment_info` of ``rows``, ``reported`` their :func:`reported_values`.
+    ``info`` is :func:`experiment_info` of ``rows``, ``reported`` their :func:`reported_values`;
+    ``reference`` (:func:`reference_curves`) draws the authors' per-epoch curves, dotted in the colour of
+    the same method, in the panels against epochs, up to the last epoch of our runs.
     """
     import matplotlib
 
@@ -175,6 +178,19 @@ def draw(
             ax.plot(grid, mean, color=color(choice.optimizer), label=text, lw=1.6)
             if len(runs) > 1:
                 ax.fill_between(grid, low, high, color=color(choice.optimizer), alpha=0.18, lw=0)
+        if reference is not None and x == "epoch" and y in reference:
+            last = pd.to_numeric(rows["epoch"], errors="coerce").max()
+            for optimizer in selection["optimizer"]:
+                theirs = reference[(reference["method"] == label(optimizer)) & (reference["epoch"] <= last)]
+                if not theirs.empty:
+                    ax.plot(
+                        theirs["epoch"],
+                        theirs[y],
+                        color=color(optimizer),
+                        ls=":",
+                        lw=1.6,
+                        label=f"{label(optimizer)}, authors' notebook",
+                    )
         papers = [(name, values[y]) for name, values in reported.items() if y in values]
         for name, value in papers:
             ours = name in set(selection["optimizer"])
@@ -190,7 +206,7 @@ def draw(
         if not higher_is_better(y):
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        if ax is axes[0] or papers:
+        if ax is axes[0] or papers or (reference is not None and x == "epoch"):
             ax.legend(fontsize=8)
     fig.suptitle(textwrap.fill(title, 150), fontsize=11)  # long titles wrap instead of running off the figure
     fig.tight_layout()
@@ -316,7 +332,10 @@ def render(
             title = f"{info['paper']}: {info['figure']}" if info["paper"] else name
             if len(datasets) > 1:
                 title += f" [{dataset}]"
-            written += draw(part, chosen, info, reported, f"{title}{scale_text}", figures_dir / name)
+            at_epochs = reference if scale == "paper_epochs" else None
+            written += draw(
+                part, chosen, info, reported, f"{title}{scale_text}", figures_dir / name, at_epochs
+            )
             per_epoch = ""
             if reference is not None and scale == "paper_epochs":
                 per_epoch = epoch_table(part, reference, [info["train_metric"], info["test_metric"]])
