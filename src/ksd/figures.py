@@ -337,8 +337,8 @@ def render(
                 part, chosen, info, reported, f"{title}{scale_text}", figures_dir / name, at_epochs
             )
             per_epoch = ""
-            if reference is not None and scale == "paper_epochs":
-                per_epoch = epoch_table(part, reference, [info["train_metric"], info["test_metric"]])
+            if at_epochs is not None:
+                per_epoch = epoch_table(part, at_epochs, [info["train_metric"], info["test_metric"]])
             if per_epoch:
                 intro = "Per epoch, the authors' runs (`results/authors_notebook.csv`) beside ours:"
                 per_epoch = f"\n{intro}\n\n{per_epoch}\n"
