@@ -3,10 +3,10 @@
 Martens' demo code (``nnet_train_2.m`` and ``conjgrad_1.m``, e.g. from the public copy
 ``pseudotensor/GeoAcc``) is not part of this project: give its folder with ``--martens PATH`` or
 ``HF_MARTENS=PATH`` (``HF_MARTENS=PATH make bench``). Without it, or without ``octave-cli`` on the PATH,
-this benchmark prints one line and is skipped. His two files are copied into a temporary folder with the
-edits of ``docs/hf_vs_martens.md`` (double precision, his own commented choice; no ``.mat`` saves and no
-``drawnow``; one line writing each epoch's time, his ``times(epoch)``, to a file) and ``gather`` as the
-identity; nothing is written next to them.
+this benchmark prints one line and is skipped. His two files are copied into a temporary folder with
+the edits of ``scripts/martens_code.py`` (double precision, his own commented choice; no ``.mat`` saves,
+no ``drawnow``; a record line per iteration) and ``gather`` as the identity; nothing is written next to
+them.
 
 Problem: the CURVES autoencoder of his demo (784-400-200-100-50-25-6 + mirror, logistic units, linear
 code layer) on the first ``--train-size`` training images of ``dataset=curves`` (default 1,000, 4 chunks),
@@ -27,7 +27,6 @@ import argparse
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import print_rows
+from martens_code import prepare_code, run_octave, write_case
 
 from ksd.config import ModelConfig
 from ksd.data import load_dataset
@@ -48,55 +48,10 @@ from ksd.problem import Problem
 WIDTHS = [400, 200, 100, 50, 25, 6]
 CHUNKS = 4
 
-#: (old, new) text edits to his nnet_train_2.m: double precision and no output files or figures.
-EDITS = [
-    ("mones = @(varargin)ones(varargin{:}, 'single');", "mones = @(varargin)ones(varargin{:}, 'double');"),
-    ("mzeros = @(varargin)zeros(varargin{:}, 'single');",
-     "mzeros = @(varargin)zeros(varargin{:}, 'double');"),
-    ("    conv = @single;", "    conv = @double;"),
-    ("    store = @single;\nend", "    store = @double;\nend"),
-    ("indata = single(indata);", "indata = double(indata);"),
-    ("outdata = single(outdata);", "outdata = double(outdata);"),
-    ("intest = single(intest);", "intest = double(intest);"),
-    ("outtest = single(outtest);", "outtest = double(outtest);"),
-    ("    pause(0)\n    drawnow\n", ""),
-    ("    save( [runName '_nnet_running.mat']", "    %save( [runName '_nnet_running.mat']"),
-    ("        save( [runName '_nnet_epoch'", "        %save( [runName '_nnet_epoch'"),
-    ("    times(epoch) = toc;\n",
-     "    times(epoch) = toc;\n    global benchrec\n"
-     "    fprintf(benchrec, '%d %.17g %.17g %d\\n', epoch, times(epoch), -ll, totalpasses);\n"),
-]
-
-DRIVER = """function bench_driver(matfile, recfile)
-global benchrec
-S = load(matfile);
-benchrec = fopen(recfile, 'w');
-types = repmat({'logistic'}, 1, numel(S.hidden) + 1);
-types{S.ncode} = 'linear';
-test = S.indata(:, 1:S.chunks);
-nnet_train_2('bench', '', S.paramsp, [], [], [], S.iterations, S.indata, S.indata, S.chunks, ...
-             test, test, 1, S.hidden, types, 'gn', 0, 'L2', 1, 2e-5, 0.95, 0);
-fclose(benchrec);
-end
-"""
-
 
 def skip(reason: str) -> list[dict]:
     print(f"bench_hf_martens: skipped, {reason}")
     return []
-
-
-def prepare_code(source: Path, folder: Path) -> None:
-    """His two files with :data:`EDITS` applied (CRLF line ends as in the public copies are accepted)."""
-    text = (source / "nnet_train_2.m").read_text(errors="replace").replace("\r\n", "\n")
-    for old, new in EDITS:
-        if text.count(old) != 1:
-            raise SystemExit(f"bench_hf_martens: {source}/nnet_train_2.m is not the demo version ({old!r})")
-        text = text.replace(old, new)
-    (folder / "nnet_train_2.m").write_text(text)
-    shutil.copy(source / "conjgrad_1.m", folder / "conjgrad_1.m")
-    (folder / "gather.m").write_text("function x = gather(x)\nend\n")
-    (folder / "bench_driver.m").write_text(DRIVER)
 
 
 def curves_problem(train_size: int) -> Problem:
@@ -108,37 +63,21 @@ def curves_problem(train_size: int) -> Problem:
     return Problem(built.network.double(), built.loss, splits, autoencoder=True)
 
 
-def martens_params(problem: Problem) -> torch.Tensor:
-    """θ in his ``paramsp`` order: per layer vec(W) column-major (W is out × in), then b."""
-    layers = [m for m in problem.model.modules() if isinstance(m, torch.nn.Linear)]
-    return torch.cat([t for m in layers for t in (m.weight.detach().T.reshape(-1), m.bias.detach())])
-
-
 def measure(source: Path, train_size: int, iterations: int) -> list[dict]:
-    import scipy.io
-
     threads = torch.get_num_threads()
     problem = curves_problem(train_size)
-    inputs = problem.splits.train.inputs.flatten(1)
+    inputs = problem.splits.train.inputs
     with tempfile.TemporaryDirectory(prefix="hf_martens_") as tmp:
         folder = Path(tmp)
-        prepare_code(source, folder)
-        scipy.io.savemat(folder / "case.mat", {
-            "indata": inputs.T.numpy(), "paramsp": martens_params(problem).numpy()[:, None],
-            "hidden": [float(w) for w in [*WIDTHS, *reversed(WIDTHS[:-1])]], "ncode": float(len(WIDTHS)),
-            "iterations": float(iterations), "chunks": float(CHUNKS),
-        })
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
-        command = ["octave-cli", "--no-window-system", "--eval", "bench_driver('case.mat', 'rec.txt')"]
-        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
-        record = (folder / "rec.txt").read_text().split() if (folder / "rec.txt").exists() else []
-        if len(record) < 4 * iterations:
-            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-            raise SystemExit(f"bench_hf_martens: octave-cli failed: {' / '.join(tail)}")
-    rows = [record[i : i + 4] for i in range(0, 4 * iterations, 4)]
-    his_times = [float(r[1]) for r in rows]
-    his_f = [float(r[2]) for r in rows]
-    his_cg = [int(r[3]) for r in rows]  # cumulative CG steps
+        prepare_code(source, folder, precision="double")
+        write_case(folder / "case.mat", problem.model, WIDTHS, inputs, inputs[:CHUNKS], chunks=CHUNKS,
+                   iterations=iterations)
+        record = run_octave(folder, threads)
+    if len(record) < iterations:
+        raise SystemExit(f"bench_hf_martens: his code recorded {len(record)} of {iterations} iterations")
+    his_times = [r.seconds for r in record]
+    his_f = [-r.ll for r in record]
+    his_cg = [r.cg_total for r in record]
     hf = HessianFree(problem, HessianFree.Config(num_chunks=CHUNKS))
     ours_times, ours_f, ours_cg, total = [], [], [], 0
     for _ in range(iterations):

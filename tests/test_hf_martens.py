@@ -200,3 +200,20 @@ def test_cg_stop_rules_agree_unless_the_tolerance_is_huge():
     i = paper.iterations[-1]
     assert paper.stop == "progress" and paper.values[i] < 0 <= paper.values[i - 10]
     assert martens.iterations[-1] > i
+
+
+def test_martens_records_parse_his_infinities_and_attach_the_test_line(tmp_path):
+    """scripts/martens_code.py reads the lines its edit makes his code print (Octave writes ±Inf, NaN)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from martens_code import parse_records
+
+    path = tmp_path / "rec.txt"
+    path.write_text(
+        "train 1 1.5 -361.8 104.85 30 0.84 13 0 1\ntest 1 -362.0 104.87\n"
+        "train 2 1.25 -361.8 104.85 45 -Inf 40 Inf 0\n"
+    )
+    first, second = parse_records(path)
+    assert (first.epoch, first.cg_total, first.test_error, first.new_lambda) == (1, 13, 104.87, 30.0)
+    assert second.rho == -math.inf and second.reductions == math.inf and math.isnan(second.test_error)
