@@ -250,6 +250,42 @@ def test_paper_epochs_figures_draw_the_reference_curves_against_epochs(tmp_path,
         assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == metric  # epoch 3 is past ours
 
 
+def test_other_codes_runs_are_drawn_dashed_against_time_in_their_figure(tmp_path, monkeypatch):
+    """results/<source>_<figure>.csv (scripts/ksd_reference.py curves, hf_martens_*.csv) is drawn dashed in
+    the colour of its method, in the panels whose columns it has, in that figure only."""
+    import matplotlib.figure
+
+    root = tmp_path / "multirun" / "toy-cpu_long"
+    cfg = {**config("sgd", 0, lr=0.1), "scale": "cpu_long"}
+    write_run(root, "sgd_s0", cfg, "completed", curve(1.0, 0.5))
+    results = tmp_path / "results"
+    results.mkdir()
+    columns = "method,source,iteration,wall_time,train_loss,test_loss"
+    rows = ["SGD-m,their code,0,0.0,10,9", "SGD-m,their code,2,3.5,5,4", "SGD-m,their code,1,1.5,7,6"]
+    (results / "ksd_reference_toy_cpu_long.csv").write_text("\n".join(["# made by", columns, *rows]) + "\n")
+    # no source column: the file name's prefix; the method by its optimizer name
+    (results / "hf_martens_toy_cpu_long.csv").write_text("method,wall_time,train_loss\nsgd,0,8\nsgd,2,3\n")
+    (results / "other_toy.csv").write_text("method,wall_time,train_loss\nSGD-m,0,1\nSGD-m,2,1\n")  # scale=cpu
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))
+    )
+    written, _ = render(collect([root]), tmp_path / "figures", curves_dir=results)
+    assert [p.name for p in written] == ["toy_cpu_long.png", "toy_cpu_long.pdf"]
+    time_panel, train_panel, test_panel = figures[0].axes
+    lines = {line.get_label(): line for line in time_panel.get_lines()}
+    theirs = lines["SGD-m, their code"]
+    assert theirs.get_linestyle() == "--" and theirs.get_color() == COLORS["sgd"]
+    assert list(theirs.get_xdata()) == [0.0, 1.5, 3.5] and list(theirs.get_ydata()) == [10, 7, 5]
+    assert list(lines["SGD-m, hf_martens"].get_ydata()) == [8, 3]
+    assert "SGD-m, other" not in lines
+    assert "SGD-m, their code" in [t.get_text() for t in time_panel.get_legend().get_texts()]
+    for panel in (train_panel, test_panel):  # no epoch column: not in the panels against epochs
+        labels = {line.get_label() for line in panel.get_lines()}
+        assert "SGD-m" in labels and not labels & {"SGD-m, their code", "SGD-m, hf_martens"}
+
+
 def test_optimizer_colours_are_fixed_and_distinct():
     assert len(set(COLORS.values())) == len(COLORS)
     assert color("sgd") == COLORS["sgd"]

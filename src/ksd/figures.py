@@ -7,7 +7,9 @@ data set, when an experiment sweeps several):
   the training metric on a log scale against training wall time and against epochs, and the test
   metric against epochs. Each optimizer is drawn with its selected setting (:func:`ksd.collect.select`):
   the mean over seeds as a line and the range over seeds as a band; the paper's reported values are
-  dashed horizontal lines. An optimizer has the same colour in every figure (:data:`COLORS`).
+  dashed horizontal lines. An optimizer has the same colour in every figure (:data:`COLORS`). Another
+  code's run of one of the methods on the same problem (``results/<source>_<figure name>.csv``,
+  :func:`figure_curves`) is drawn dashed in that method's colour.
 - a markdown table in ``results/README.md`` between :data:`BEGIN` and :data:`END` (text around the
   markers is kept): final training and test metric (mean ± std over seeds), time to reach the
   experiment's training target, and the paper's numbers beside ours; at ``scale=paper_epochs`` also the
@@ -146,12 +148,15 @@ def draw(
     title: str,
     path: Path,
     reference: pd.DataFrame | None = None,
+    curves: pd.DataFrame | None = None,
 ) -> list[Path]:
     """One paper-style figure of the selected runs in ``rows``; writes ``path``.png and .pdf.
 
     ``info`` is :func:`experiment_info` of ``rows``, ``reported`` their :func:`reported_values`;
     ``reference`` (:func:`reference_curves`) draws the authors' per-epoch curves, dotted in the colour of
-    the same method, in the panels against epochs, up to the last epoch of our runs.
+    the same method, in the panels against epochs, up to the last epoch of our runs. ``curves``
+    (:func:`figure_curves`) draws other codes' runs of our methods, dashed in the method's colour, in every
+    panel whose two columns they have (``wall_time``: the time panel), whole.
     """
     import matplotlib
 
@@ -191,6 +196,7 @@ def draw(
                         lw=1.6,
                         label=f"{label(optimizer)}, authors' notebook",
                     )
+        drawn = draw_curves(ax, curves, selection["optimizer"], x, y)
         papers = [(name, values[y]) for name, values in reported.items() if y in values]
         for name, value in papers:
             ours = name in set(selection["optimizer"])
@@ -206,7 +212,7 @@ def draw(
         if not higher_is_better(y):
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        if ax is axes[0] or papers or (reference is not None and x == "epoch"):
+        if ax is axes[0] or papers or drawn or (reference is not None and x == "epoch"):
             ax.legend(fontsize=8)
     fig.suptitle(textwrap.fill(title, 150), fontsize=11)  # long titles wrap instead of running off the figure
     fig.tight_layout()
@@ -277,6 +283,46 @@ def reference_curves(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path, comment="#") if path.exists() else None
 
 
+def figure_curves(folder: Path, name: str) -> pd.DataFrame | None:
+    """Other codes' runs on the problem of figure ``name`` (``<experiment>[_<dataset>][_<scale>]``, the
+    figure's file name): every ``<source>_<name>.csv`` in ``folder``, e.g.
+    ``ksd_reference_ksd_curves_cpu_long.csv`` (``scripts/ksd_reference.py curves``) or
+    ``hf_martens_ksd_curves_cpu_long.csv``. Columns ``method`` (our optimizer's name or figure label, whose
+    colour the curve takes), ``wall_time`` and/or ``epoch``, the metrics, optionally ``source`` (the
+    legend's text; default: the file's ``<source>``); ``#`` lines are notes. None when there is none."""
+    frames = []
+    for path in sorted(folder.glob(f"*_{name}.csv")):
+        frame = pd.read_csv(path, comment="#")
+        if "method" in frame:
+            if "source" not in frame:
+                frame["source"] = path.stem[: -len(name) - 1]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def draw_curves(ax: Any, curves: pd.DataFrame | None, optimizers: Sequence[str], x: str, y: str) -> bool:
+    """Draw on ``ax`` the ``curves`` (:func:`figure_curves`) of ``optimizers`` that have ``x`` and ``y``,
+    dashed in each optimizer's colour; whether any was drawn."""
+    if curves is None or x not in curves or y not in curves:
+        return False
+    drawn = False
+    for optimizer in optimizers:
+        theirs = curves[curves["method"].isin([optimizer, label(optimizer)])]
+        for source, run in theirs.groupby("source", sort=True):
+            points = run[[x, y]].apply(pd.to_numeric, errors="coerce").dropna().sort_values(x)
+            if len(points):
+                ax.plot(
+                    points[x],
+                    points[y],
+                    color=color(optimizer),
+                    ls="--",
+                    lw=1.6,
+                    label=f"{label(optimizer)}, {source}",
+                )
+                drawn = True
+    return drawn
+
+
 def epoch_table(rows: pd.DataFrame, reference: pd.DataFrame, metrics: Sequence[str]) -> str:
     """Markdown: the reference's values at a few epochs beside ours (mean over the runs that evaluated
     that epoch, with their count), for each optimizer whose label is a reference ``method``."""
@@ -303,11 +349,15 @@ def epoch_table(rows: pd.DataFrame, reference: pd.DataFrame, metrics: Sequence[s
 
 
 def render(
-    table: pd.DataFrame, figures_dir: Path, reference: pd.DataFrame | None = None
+    table: pd.DataFrame,
+    figures_dir: Path,
+    reference: pd.DataFrame | None = None,
+    curves_dir: Path | None = None,
 ) -> tuple[list[Path], str]:
     """Every figure of the table into ``figures_dir``; returns the files and the markdown section.
 
-    ``reference`` (:func:`reference_curves`) adds a per-epoch table to the sections at ``scale=paper_epochs``.
+    ``reference`` (:func:`reference_curves`) adds a per-epoch table to the sections at ``scale=paper_epochs``;
+    ``curves_dir`` holds other codes' runs (:func:`figure_curves`) to draw into the figures.
     """
     selection = select(table)
     written: list[Path] = []
@@ -333,8 +383,9 @@ def render(
             if len(datasets) > 1:
                 title += f" [{dataset}]"
             at_epochs = reference if scale == "paper_epochs" else None
+            curves = figure_curves(curves_dir, name) if curves_dir is not None else None
             written += draw(
-                part, chosen, info, reported, f"{title}{scale_text}", figures_dir / name, at_epochs
+                part, chosen, info, reported, f"{title}{scale_text}", figures_dir / name, at_epochs, curves
             )
             per_epoch = ""
             if at_epochs is not None:
@@ -377,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     table = pd.read_parquet(table_path)
     reference = reference_curves(args.results / "authors_notebook.csv")
-    written, section = render(table, args.results / "figures", reference)
+    written, section = render(table, args.results / "figures", reference, args.results)
     update_readme(args.results / "README.md", section)
     print(f"{len(written)} files in {args.results / 'figures'}; tables in {args.results / 'README.md'}")
 
