@@ -180,6 +180,20 @@ def test_collect_add_replaces_only_the_optimizers_collected(sweep, tmp_path):
     pd.testing.assert_frame_equal(kept[expected.columns], expected)  # adam's rows as they were
 
 
+def test_collect_add_runs_keeps_the_other_runs_of_an_optimizer(sweep, tmp_path):
+    out = tmp_path / "results" / "runs"
+    main([str(sweep), "--out", str(out)])
+    before = pd.read_parquet(out.with_name("runs.parquet"))
+    more = tmp_path / "later" / "toy-cpu"
+    write_run(more, "sgd_s7", config("sgd", 7, lr=0.1), "completed", curve(1, 3))
+    main([str(more), "--out", str(out), "--add-runs"])
+    after = pd.read_parquet(out.with_name("runs.parquet"))
+    seeds = {name: set(t[t["optimizer"] == "sgd"]["seed"]) for name, t in (("before", before), ("after", after))}
+    assert seeds["after"] == seeds["before"] | {7}
+    main([str(more), "--out", str(out), "--add-runs"])  # the same run collected again replaces its rows
+    assert len(pd.read_parquet(out.with_name("runs.parquet"))) == len(after)
+
+
 def test_seed_band_interpolates_onto_the_common_time_range():
     a = pd.DataFrame({"wall_time": [0.0, 2.0, 4.0], "train_loss": [4.0, 2.0, 0.0]})
     b = pd.DataFrame({"wall_time": [0.0, 1.0], "train_loss": [6.0, 4.0]})

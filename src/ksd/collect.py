@@ -228,11 +228,15 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def merge_tables(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """``new`` plus the rows of ``old`` whose (experiment, scale, optimizer) ``new`` does not have: a sweep
-    of some optimizers replaces their runs and keeps the others' (a 75-epoch K-FAC run beside new K-BFGS
-    ones)."""
-    groups = ["experiment", "scale", "optimizer"]
+MERGE_BY = ("experiment", "scale", "optimizer")
+
+
+def merge_tables(old: pd.DataFrame, new: pd.DataFrame, by: Sequence[str] = MERGE_BY) -> pd.DataFrame:
+    """``new`` plus the rows of ``old`` whose ``by`` values ``new`` does not have. By (experiment, scale,
+    optimizer), the default, a sweep of some optimizers replaces their runs and keeps the others' (a
+    75-epoch K-FAC run beside new K-BFGS ones); by ``("run",)`` only the runs collected again are replaced
+    (more seeds beside the committed ones)."""
+    groups = list(by)
     replaced = new[groups].astype(str).drop_duplicates().apply(tuple, axis=1)
     keep = ~old[groups].astype(str).apply(tuple, axis=1).isin(set(replaced))
     return pd.concat([old[keep], new], ignore_index=True)
@@ -285,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="keep the runs already in STEM.parquet of every experiment, scale and optimizer not collected "
         "now (to add one sweep to the committed table without the others' run folders)",
     )
+    parser.add_argument(
+        "--add-runs",
+        action="store_true",
+        help="as --add, but replace only the runs collected again (the same run folder) and keep the other "
+        "runs of the optimizers collected (more seeds beside the committed ones)",
+    )
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -293,8 +303,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if table.empty:
         parser.error(f"no runs (summary.json or .hydra/config.yaml) below {', '.join(map(str, args.dirs))}")
     existing = args.out.with_name(args.out.name + ".parquet")
-    if args.add and existing.exists():
-        table = merge_tables(pd.read_parquet(existing), table)
+    if (args.add or args.add_runs) and existing.exists():
+        by = ("run",) if args.add_runs else MERGE_BY
+        table = merge_tables(pd.read_parquet(existing), table, by)
     selection = select(table)
     paths = write(table, selection, args.out)
     print(report(table, selection))
