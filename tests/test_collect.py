@@ -188,8 +188,10 @@ def test_collect_add_runs_keeps_the_other_runs_of_an_optimizer(sweep, tmp_path):
     write_run(more, "sgd_s7", config("sgd", 7, lr=0.1), "completed", curve(1, 3))
     main([str(more), "--out", str(out), "--add-runs"])
     after = pd.read_parquet(out.with_name("runs.parquet"))
-    seeds = {name: set(t[t["optimizer"] == "sgd"]["seed"]) for name, t in (("before", before), ("after", after))}
-    assert seeds["after"] == seeds["before"] | {7}
+    def sgd_seeds(table: pd.DataFrame) -> set[int]:
+        return set(table[table["optimizer"] == "sgd"]["seed"])
+
+    assert sgd_seeds(after) == sgd_seeds(before) | {7}
     main([str(more), "--out", str(out), "--add-runs"])  # the same run collected again replaces its rows
     assert len(pd.read_parquet(out.with_name("runs.parquet"))) == len(after)
 
