@@ -10,7 +10,8 @@ with the same weight cost (``optimizer.weight_decay``). His code then runs uncha
 ``run.max_seconds`` (or ``--seconds``), on one thread unless ``--threads`` says otherwise.
 
 It writes a CSV of his iterations beside ours: ``method`` (the figure label of ``optimizer``, so ``make
-figures`` draws it as that method's reference), ``iteration``, ``wall_time`` (the sum of his per-iteration
+figures`` draws it as that method's reference), ``source`` (the legend's text), ``iteration``,
+``wall_time`` (the sum of his per-iteration
 ``times``: gradient, CG, CG backtracking, ρ, line search, update; his test-set evaluation is outside, as
 ksd-run's evaluation is outside ``wall_time``), ``train_error`` and ``test_error`` (his ``'L2'`` error:
 squared reconstruction error summed over pixels, averaged over all training, resp. test, cases; ksd-run's
@@ -48,8 +49,9 @@ from ksd.results import atomic_write
 from ksd.runner import REGISTRIES, prepare
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-COLUMNS = ["method", "iteration", "wall_time", "train_error", "test_error", "train_objective", "rho",
-           "damping", "cg_iterations", "line_search_reductions", "rate"]
+SOURCE = "Martens' Octave code"  # the legend's text in make figures
+COLUMNS = ["method", "source", "iteration", "wall_time", "train_error", "test_error", "train_objective",
+           "rho", "damping", "cg_iterations", "line_search_reductions", "rate"]
 
 
 def main() -> None:
@@ -98,8 +100,8 @@ def main() -> None:
     rows = []
     for it in record:
         total += it.seconds
-        rows.append([method, it.epoch, total, it.train_error, it.test_error, -it.ll, it.rho, it.new_lambda,
-                     it.cg_total - previous_cg, it.reductions, it.rate])
+        rows.append([method, SOURCE, it.epoch, total, it.train_error, it.test_error, -it.ll, it.rho,
+                     it.new_lambda, it.cg_total - previous_cg, it.reductions, it.rate])
         previous_cg = it.cg_total
     header = [
         "# Martens' HF demo code (nnet_train_2.m, conjgrad_1.m) in GNU Octave, "
