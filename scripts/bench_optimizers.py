@@ -7,7 +7,8 @@
   ``t ∝ size^p`` (least squares on log-log).
 
 Times are steady-state: each optimizer first runs ``max(1, history_size + 1, inverse_every + 1)`` warm-up
-steps (the fields its config has), so L-BFGS, ARCs-LSR1 and K-BFGS(L) have full memories of pairs and
+steps (the fields its config has; a full-batch method's one warm-up step is timed too, as the largest
+point of its scaling row), so L-BFGS, ARCs-LSR1 and K-BFGS(L) have full memories of pairs and
 K-FAC is past its first ``inverse_every`` steps, all of which recompute its inverses (all but the last
 warm-up step on small batches: ``bench_common.warm_up``). A step's time is the median of the timed
 steps (three; two for the full-batch methods, ``FULL_BATCH_STEPS``), except for K-FAC: the mean over one
@@ -19,10 +20,13 @@ On CUDA, times come from CUDA events and the peak GPU memory of a step is report
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from bench_common import log_log_slope, mnist_autoencoder_problem, seconds, state_bytes, warm_up
+from bench_ksd import split_step
 
 from ksd.optim import available, optimizer_class
 from ksd.problem import Problem
@@ -70,10 +74,17 @@ def full_batch(name: str) -> bool:
     return SETTINGS.get(name, {}).get("batch_size") is None
 
 
-def time_steps(optimizer, device: torch.device, steps: int, warmup: int | None = None) -> Timing:
+def time_steps(
+    optimizer,
+    device: torch.device,
+    steps: int,
+    warmup: int | None = None,
+    timer: Callable[[], float] | None = None,
+) -> Timing:
     """Steady-state cost of a step, as in the module docstring: the warm-up steps, then ``steps`` timed steps
     (median), or one whole period of ``inverse_every`` steps (mean) for an optimizer with that field.
-    ``warmup`` replaces the default warm-up for an optimizer that is in its steady state already."""
+    ``warmup`` replaces the default warm-up for an optimizer that is in its steady state already; ``timer``
+    takes and times one step in place of the wall clock around ``optimizer.step()``."""
     config = optimizer.config
     history, period = getattr(config, "history_size", 0), getattr(config, "inverse_every", None)
     count = max(1, history + 1, (period or 0) + 1) if warmup is None else warmup
@@ -81,7 +92,9 @@ def time_steps(optimizer, device: torch.device, steps: int, warmup: int | None =
     times, epochs = [], []
     for _ in range(period or steps):
         epoch0 = optimizer.problem.epoch
-        if device.type == "cuda":
+        if timer is not None:
+            times.append(timer())
+        elif device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             optimizer.step()
@@ -106,12 +119,22 @@ def run(device: torch.device, steps: int = 3) -> list[dict]:
         optimizer = build(name, problem)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        timing = time_steps(optimizer, device, FULL_BATCH_STEPS if full_batch(name) else steps)
+        # a full-batch method's warm-up step is a fresh optimizer's first step on the 10,000 examples:
+        # timed, it is the largest point of the scaling exponent (below), which is not measured again
+        first = seconds(optimizer.step, device) if full_batch(name) else None
+        timing = time_steps(
+            optimizer,
+            device,
+            FULL_BATCH_STEPS if full_batch(name) else steps,
+            warmup=0 if first is not None else None,
+            # KSD's timed iterations are bench_ksd's problem: its phase split reports the first of them
+            timer=partial(split_step, optimizer, device) if name == "ksd" else None,
+        )
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         measured[name] = (timing, state_bytes(optimizer.state_dict()), peak)
         param_bytes = problem.n_params * problem.theta.element_size()
         # the exponents next, while this optimizer is warmed up: its steady state serves the other batch sizes
-        scaling_rows += scaling(device, name, optimizer, timing)
+        scaling_rows += scaling(device, name, optimizer, timing, first)
         del optimizer, problem
     sgd, adam = measured["sgd"][0], measured["adam"][0]
     for name, (timing, nbytes, peak) in measured.items():
@@ -147,7 +170,9 @@ def run(device: torch.device, steps: int = 3) -> list[dict]:
     return rows + scaling_rows
 
 
-def scaling(device: torch.device, name: str, warmed, timing: Timing) -> list[dict]:
+def scaling(
+    device: torch.device, name: str, warmed, timing: Timing, first: float | None = None
+) -> list[dict]:
     """Exponents of step time in batch size (mini-batch methods) or training-set size (full-batch methods)
     and in the autoencoder's width (all hidden widths scaled by 0.5, 1, 2), one timed step per size
     (K-FAC: one inversion period) in the steady state of ``time_steps`` (a full-batch method: its
@@ -162,15 +187,16 @@ def scaling(device: torch.device, name: str, warmed, timing: Timing) -> list[dic
     has no memory to fill, so each of its points is a fresh optimizer's first step, without the warm-up
     step that doubled the most expensive rows of the benchmark (KSD's and HF's); its points are all first
     steps alike (KSD's basis has no previous step yet: K vectors instead of K + 1), so the exponent compares
-    like with like, and its 10,000-example point is not ``timing``, a later step. The process's one-off
-    costs (the first use of a code path) fall on the main timing's warm-up step. KSD's subsets are a
+    like with like, and its 10,000-example point is ``first``, the main timing's warm-up step (a fresh
+    optimizer's first step on the same problem), not ``timing``, a later step. KSD's subsets are a
     quarter of the training set at every size, as in ``SETTINGS``."""
     sizes = [250, 500, 1000]
     factors = [0.5, 1.0, 2.0]
     whole = full_batch(name)
     batch_times: dict[int, float] = {}
     if whole:
-        for size in sizes:
+        batch_times[1000] = first
+        for size in (250, 500):
             problem = mnist_autoencoder_problem(device, size * 10)
             subsets = size * 5 // 2  # a quarter of the training set, as SETTINGS["ksd"] at 10,000
             optimizer = build(name, problem, curvature_size=subsets, bfgs_size=subsets)

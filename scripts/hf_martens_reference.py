@@ -11,7 +11,8 @@ with the same weight cost (``optimizer.weight_decay``). His code then runs uncha
 
 It writes a CSV of his iterations beside ours: ``method`` (the figure label of ``optimizer``, so ``make
 figures`` draws it as that method's reference), ``source`` (the legend's text), ``iteration``,
-``wall_time`` (the sum of his per-iteration
+``epoch`` (= the iteration: each computes its gradient on all training cases, as ksd-run counts a
+full-batch HF step), ``wall_time`` (the sum of his per-iteration
 ``times``: gradient, CG, CG backtracking, ρ, line search, update; his test-set evaluation is outside, as
 ksd-run's evaluation is outside ``wall_time``), ``train_error`` and ``test_error`` (his ``'L2'`` error:
 squared reconstruction error summed over pixels, averaged over all training, resp. test, cases; ksd-run's
@@ -50,8 +51,8 @@ from ksd.runner import REGISTRIES, prepare
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SOURCE = "Martens' Octave code"  # the legend's text in make figures
-COLUMNS = ["method", "source", "iteration", "wall_time", "train_error", "test_error", "train_objective",
-           "rho", "damping", "cg_iterations", "line_search_reductions", "rate"]
+COLUMNS = ["method", "source", "iteration", "epoch", "wall_time", "train_error", "test_error",
+           "train_objective", "rho", "damping", "cg_iterations", "line_search_reductions", "rate"]
 
 
 def main() -> None:
@@ -100,7 +101,7 @@ def main() -> None:
     rows = []
     for it in record:
         total += it.seconds
-        rows.append([method, SOURCE, it.epoch, total, it.train_error, it.test_error, -it.ll, it.rho,
+        rows.append([method, SOURCE, it.epoch, it.epoch, total, it.train_error, it.test_error, -it.ll, it.rho,
                      it.new_lambda, it.cg_total - previous_cg, it.reductions, it.rate])
         previous_cg = it.cg_total
     header = [
