@@ -196,7 +196,7 @@ def scaling(
     batch_times: dict[int, float] = {}
     if whole:
         batch_times[1000] = first
-        for size in (250, 500):
+        for size in sizes[:-1]:
             problem = mnist_autoencoder_problem(device, size * 10)
             subsets = size * 5 // 2  # a quarter of the training set, as SETTINGS["ksd"] at 10,000
             optimizer = build(name, problem, curvature_size=subsets, bfgs_size=subsets)
